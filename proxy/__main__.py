@@ -1,0 +1,143 @@
+"""Command line: ``hlsrelay serve | sign | check-config`` (``python -m proxy`` works too).
+
+Exit codes: 0 success, 2 a configuration or usage error (one line on stderr naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from proxy.errors import HlsRelayError
+from proxy.settings import ConfigError, Settings, load_settings, masked, token_secret
+from proxy.tokens import TokenCodec
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hlsrelay", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="config file (default: $HLSRELAY_CONFIG or config/hlsrelay.toml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    sign = sub.add_parser("sign", help="print the proxied playlist URL for an upstream URL")
+    sign.add_argument("url")
+    sign.add_argument("--referer")
+    sign.add_argument("--origin")
+    sign.add_argument("--user-agent")
+    sign.add_argument(
+        "--header", action="append", default=[], metavar="'Name: value'", help="repeatable"
+    )
+    sign.add_argument("--config")
+
+    check = sub.add_parser("check-config", help="validate and print the effective settings")
+    check.add_argument("--config")
+    return parser
+
+
+def _serve(settings: Settings) -> int:
+    # Imported here so `sign` and `check-config` stay quick and need no event loop.
+    from proxy.app import create_app
+    from proxy.web.access_log import access_logger_for, configure_logging
+
+    configure_logging(settings.server.log_format)
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop = asyncio.new_event_loop()
+    app = create_app(settings)
+    logging.getLogger("hlsrelay").info(
+        "hlsrelay listening on http://%s:%d%s",
+        settings.server.host,
+        settings.server.port,
+        settings.server.base_path,
+    )
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop=loop,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        access_log_class=access_logger_for(settings.server.log_format),
+        print=None,
+        handle_signals=True,
+    )
+    return 0
+
+
+def _sign(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.upstream.relay import StreamMinter  # the same minting code as the API
+
+    secret, origin = token_secret(settings)
+    if origin == "generated" and settings.security.secret_file is None:
+        raise ConfigError(
+            "security.secret: not set, so a server would not accept what sign prints; "
+            "set security.secret or security.secret_file"
+        )
+    headers: dict[str, str] = {}
+    for value, name in ((args.referer, "Referer"), (args.origin, "Origin"), (args.user_agent, "User-Agent")):
+        if value:
+            headers[name] = value
+    for raw in args.header:
+        name, sep, value = raw.partition(":")
+        if not sep:
+            raise ConfigError(f"--header {raw!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    if not args.url.startswith(("http://", "https://")):
+        raise ConfigError(f"url {args.url!r}: expected an absolute http(s) URL")
+    codec = TokenCodec(
+        secret,
+        ttl_seconds=settings.security.token_ttl,
+        expiry_bucket_seconds=settings.security.token_expiry_bucket,
+    )
+    relay = StreamMinter(codec, settings)
+    try:
+        path = relay.mint(args.url, headers)
+    except HlsRelayError as exc:
+        raise ConfigError(exc.message) from None
+    base = relay.prefix
+    if not base.startswith("http"):
+        host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        base = f"http://{host}:{settings.server.port}{base}"
+    print(base + path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        server: dict[str, object] = {}
+        if getattr(args, "host", None):
+            server["host"] = args.host
+        if getattr(args, "port", None) is not None:
+            server["port"] = args.port
+        settings = load_settings(args.config, **({"server": server} if server else {}))
+        if args.command == "check-config":
+            token_secret_origin = "set" if settings.security.secret is not None else (
+                f"from {settings.security.secret_file}" if settings.security.secret_file else "generated at start"
+            )
+            doc = masked(settings)
+            doc["security"]["secret_source"] = token_secret_origin
+            print(json.dumps(doc, indent=2))
+            return 0
+        if args.command == "sign":
+            return _sign(args, settings)
+        return _serve(settings)
+    except ConfigError as exc:
+        print(f"hlsrelay: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``create_app(settings)``: all wiring in one place.
+
+Long-lived state (the client session, the token codec, the relay) is made in ``cleanup_ctx`` and
+kept under typed ``AppKey``s; it is closed in the same place, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from proxy import __version__
+from proxy.metrics import Metrics
+from proxy.settings import Settings, token_secret
+from proxy.tokens import TokenCodec
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.guard import DestinationGuard, GuardedResolver
+from proxy.upstream.relay import StreamRelay
+from proxy.web.cors import add_cors_headers, preflight_middleware
+from proxy.web.errors import error_middleware, metrics_middleware
+from proxy.web.keys import CLIENT_SESSION, METRICS, READY, RELAY, SETTINGS
+from proxy.web.routes import setup_routes
+
+log = logging.getLogger("hlsrelay")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, preflight_middleware],
+        client_max_size=64 * 1024,
+    )
+    app[SETTINGS] = settings
+    metrics = Metrics()
+    metrics.build_info.info({"version": __version__})
+    app[METRICS] = metrics
+    app[READY] = {"ready": False}
+    setup_routes(app, settings.server.base_path)
+    app.on_response_prepare.append(add_cors_headers)
+    app.cleanup_ctx.append(_upstream)
+    app.on_shutdown.append(_not_ready)
+    return app
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    secret, origin = token_secret(settings)
+    if origin == "generated":
+        log.warning(
+            "security.secret is not set: generated a token key%s",
+            f" and saved it to {settings.security.secret_file}"
+            if settings.security.secret_file
+            else "; stream URLs stop working when the process restarts",
+        )
+    guard = DestinationGuard(settings.upstream.allow_networks)
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(guard),
+        limit=settings.upstream.max_connections,
+        limit_per_host=settings.upstream.max_connections_per_host,
+        ttl_dns_cache=30,
+        enable_cleanup_closed=False,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies never leak between streams
+        auto_decompress=True,
+        trust_env=False,
+    )
+    codec = TokenCodec(
+        secret,
+        ttl_seconds=settings.security.token_ttl,
+        expiry_bucket_seconds=settings.security.token_expiry_bucket,
+    )
+    client = UpstreamClient(session, settings.upstream, guard)
+    app[CLIENT_SESSION] = session
+    app[RELAY] = StreamRelay(client, codec, settings)
+    app[READY]["ready"] = True
+    yield
+    app[READY]["ready"] = False
+    await session.close()
+
+
+async def _not_ready(app: web.Application) -> None:
+    # Tell load balancers to stop sending work while in-flight responses finish.
+    app[READY]["ready"] = False

@@ -1,0 +1,396 @@
+"""The playlist rewriter: every URI in an upstream m3u8 points back through the proxy.
+
+``rewrite_playlist`` walks the body line by line (split on ``\\n`` only) and replaces exactly
+the bytes of each URI: URI lines, and the URI attributes listed in :mod:`proxy.hls.tags`. The
+caller's mapper decides what a URI becomes (a signed proxy URL); this module decides which
+bytes are URIs, what they resolve to, and what kind of resource each one is.
+
+It must never re-serialise a parsed model or touch any other byte: unknown tags, comments,
+attribute order, number formats, blank lines, ``\\r`` and the BOM pass through. The only
+lines that change besides URIs are EXT-X-DEFINE lines, which are dropped after their variables
+are substituted. It never raises on malformed input and never does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from proxy.hls.attributes import scan_attribute_list
+from proxy.hls.kinds import UriKind
+from proxy.hls.tags import (
+    DEFINE_TAG,
+    MULTIVARIANT_TAGS,
+    URI_TAGS,
+    VARIANT_STREAM_TAG,
+    UriTag,
+)
+from proxy.hls.uri import PlaylistBase
+from proxy.hls.variables import Variables, define_from_line
+
+UriMapper = Callable[[str, UriKind, Mapping[str, str]], str]
+"""``map_uri(absolute_upstream_url, kind, imports)`` -> the replacement URI text (ASCII).
+
+``imports`` is what a child playlist needs for EXT-X-DEFINE:IMPORT: the variables of this
+playlist for the PLAYLIST children of a multivariant playlist that defines any, otherwise an
+empty mapping."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaylistInfo:
+    """What the rewriter learned about a playlist on its way through (for cache policy)."""
+
+    is_multivariant: bool
+    """Has EXT-X-STREAM-INF, EXT-X-MEDIA, EXT-X-I-FRAME-STREAM-INF or another such tag."""
+    target_duration: float | None
+    """EXT-X-TARGETDURATION (the first valid one), seconds."""
+    part_target: float | None
+    """EXT-X-PART-INF:PART-TARGET (LL-HLS), seconds."""
+    endlist: bool
+    """EXT-X-ENDLIST is present."""
+    playlist_type: str | None
+    """EXT-X-PLAYLIST-TYPE: ``"VOD"`` or ``"EVENT"``; None when absent or anything else."""
+    variables: Mapping[str, str]
+    """The variables in force after EXT-X-DEFINE processing."""
+    uri_count: int
+    """How many URIs were rewritten (mapper calls)."""
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_NO_IMPORTS: Final[Mapping[str, str]] = MappingProxyType({})
+_DECIMAL: Final = re.compile(rb"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_PLAYLIST_TYPES: Final = frozenset({"VOD", "EVENT"})
+# A URI line starting with one of these is not a plain relative path (root-relative,
+# network-path, query-only, or possibly a dot segment).
+_NOT_PLAIN_FIRST_BYTES: Final = frozenset(b"/?.")
+
+_URI_TAGS: Final[Mapping[bytes, UriTag]] = {t.name.encode(): t for t in URI_TAGS}
+_URI_ATTRIBUTES: Final[Mapping[bytes, Mapping[bytes, UriKind]]] = {
+    t.name.encode(): {a.encode(): k for a, k in t.uri_attributes.items()} for t in URI_TAGS
+}
+_MULTIVARIANT_TAGS: Final = frozenset(n.encode() for n in MULTIVARIANT_TAGS)
+_VARIANT_STREAM_TAG: Final = VARIANT_STREAM_TAG.encode()
+_DEFINE_TAG: Final = DEFINE_TAG.encode()
+_DEFINE_PREFIX: Final = b"#" + _DEFINE_TAG
+
+
+def _decimal(text: bytes) -> float | None:
+    """A non-negative decimal number, or None: malformed values never raise."""
+    text = text.strip()
+    if not _DECIMAL.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _tag_name(line: bytes, hash_at: int) -> tuple[bytes, int]:
+    """The tag name of a ``#`` line and the offset of its ``:`` (-1 when it has none)."""
+    colon = line.find(b":", hash_at)
+    if colon < 0:
+        return line[hash_at + 1 :].rstrip(), -1
+    return line[hash_at + 1 : colon], colon
+
+
+class _PlaylistRewriter:
+    """One pass over one playlist. Tag handlers are looked up by exact tag name."""
+
+    def __init__(
+        self,
+        playlist_url: str,
+        map_uri: UriMapper,
+        request_url: str | None,
+        imported: Mapping[str, str],
+        defines: Variables | None,
+    ) -> None:
+        self._base = PlaylistBase(playlist_url)
+        self._map_uri = map_uri
+        self._query_urls = (playlist_url,) if request_url is None else (request_url, playlist_url)
+        self._imported = imported
+        # Substitution only happens when the body has EXT-X-DEFINE lines (`defines` holds all
+        # of them, evaluated up front, for the imports of child playlists); `_variables` grows
+        # line by line, because a reference may only use a variable defined above it.
+        self._variables: Variables | None = Variables() if defines is not None else None
+        self._imports: Mapping[str, str] = (
+            defines.as_mapping() if defines is not None and len(defines) else _NO_IMPORTS
+        )
+        self._variant_pending = False
+        self.uri_count = 0
+        self.is_multivariant = False
+        self.target_duration: float | None = None
+        self.part_target: float | None = None
+        self.endlist = False
+        self.playlist_type: str | None = None
+        self._handlers: dict[bytes, Callable[[bytes, int], bytes | None]] = {
+            _VARIANT_STREAM_TAG: self._variant_stream,
+            _DEFINE_TAG: self._define,
+            b"EXT-X-TARGETDURATION": self._target_duration,
+            b"EXT-X-PART-INF": self._part_inf,
+            b"EXT-X-ENDLIST": self._endlist,
+            b"EXT-X-PLAYLIST-TYPE": self._playlist_type,
+        }
+
+    @property
+    def variables(self) -> Mapping[str, str]:
+        """The variables in force now."""
+        return self._variables.as_mapping() if self._variables is not None else _NO_IMPORTS
+
+    def rewrite_lines(self, lines: list[bytes]) -> list[bytes]:
+        output: list[bytes] = []
+        append = output.append
+        tag_line = self.tag_line
+        uri_line = self.uri_line
+        map_uri = self._map_uri
+        # The hot path, inlined: a bare relative URI line ("seg_00001.ts") of a media playlist
+        # without variables is the base directory plus the line (see PlaylistBase.resolve).
+        directory = self._base.directory if self._variables is None else None
+        media, no_imports = UriKind.MEDIA, _NO_IMPORTS
+        fast_count = 0
+        dropped_last = False
+        for line in lines:
+            if not line:
+                append(line)
+                dropped_last = False
+                continue
+            first = line[0]
+            if first == 0x23:  # '#'
+                # EXTINF is most of a media playlist and never holds a URI or an attribute list.
+                rewritten = line if line.startswith(b"#EXTINF") else tag_line(line, 0)
+            elif (
+                directory is not None
+                and first > 0x20
+                and first not in _NOT_PLAIN_FIRST_BYTES
+                and line[-1] > 0x20
+                and not self._variant_pending
+            ):
+                # The checks run on str: `bytes in bytes` is several times slower here.
+                reference = line.decode("utf-8", "surrogateescape")
+                if "/." in reference or ":" in reference:
+                    rewritten = uri_line(line)
+                else:
+                    fast_count += 1
+                    rewritten = map_uri(directory + reference, media, no_imports).encode(
+                        "utf-8", "surrogateescape"
+                    )
+            else:
+                rewritten = uri_line(line)
+            if rewritten is None:
+                dropped_last = True
+            else:
+                append(rewritten)
+                dropped_last = False
+        if dropped_last:
+            # The dropped last line had no newline of its own; the one before it stays.
+            append(b"")
+        self.uri_count += fast_count
+        return output
+
+    # -- lines ---------------------------------------------------------------------------
+
+    def uri_line(self, line: bytes) -> bytes | None:
+        """A line that does not start with '#': a URI, blank, or an indented tag/comment."""
+        uri = line.strip()
+        if not uri:
+            return line
+        if uri[0] == 0x23:
+            return self.tag_line(line, line.index(b"#"))
+        if self._variant_pending:
+            kind, imports = UriKind.PLAYLIST, self._imports
+            self._variant_pending = False
+        else:
+            kind, imports = UriKind.MEDIA, _NO_IMPORTS
+        replacement = self._rewrite_uri(uri, kind, imports)
+        if replacement is None:
+            return line
+        if uri is line:  # nothing around the URI (bytes.strip returns the object itself)
+            return replacement
+        lead = line.find(uri)
+        return line[:lead] + replacement + line[lead + len(uri) :]
+
+    def tag_line(self, line: bytes, hash_at: int) -> bytes | None:
+        """A tag or comment line; None drops it."""
+        name, colon = _tag_name(line, hash_at)
+        handler = self._handlers.get(name)
+        if handler is not None:
+            return handler(line, colon)
+        row = _URI_TAGS.get(name)
+        if row is not None:
+            if row.multivariant:
+                self.is_multivariant = True
+            return self._attribute_line(line, colon, row)
+        if colon >= 0 and self._variables is not None and b"{$" in line:
+            return self._attribute_line(line, colon, None)
+        return line
+
+    # -- URIs and attributes ----------------------------------------------------------------
+
+    def _rewrite_uri(
+        self, uri: bytes, kind: UriKind, imports: Mapping[str, str]
+    ) -> bytes | None:
+        """The replacement for one URI's bytes, or None to keep them (after substitution)."""
+        variables = self._variables
+        substituted = uri if variables is None else variables.substitute(uri)
+        url = self._base.resolve(substituted.decode("utf-8", "surrogateescape"))
+        if url is None:
+            return None if substituted is uri else substituted
+        self.uri_count += 1
+        return self._map_uri(url, kind, imports).encode("utf-8", "surrogateescape")
+
+    def _attribute_line(self, line: bytes, colon: int, row: UriTag | None) -> bytes:
+        """Substitute variables in quoted-string and hexadecimal values; rewrite URI values."""
+        if colon < 0:
+            return line
+        attributes = scan_attribute_list(line, colon + 1)
+        if not attributes:
+            return line
+        uri_attributes: Mapping[bytes, UriKind] = {}
+        kind_override: UriKind | None = None
+        imports = _NO_IMPORTS
+        if row is not None:
+            uri_attributes = _URI_ATTRIBUTES[row.name.encode()]
+            if row.kind_by_type:
+                for attribute in attributes:
+                    if attribute.name == b"TYPE":
+                        type_value = line[attribute.start : attribute.end].decode(
+                            "ascii", "replace"
+                        )
+                        kind_override = row.kind_by_type.get(type_value)
+            if row.multivariant:
+                imports = self._imports
+        variables = self._variables
+        pieces: list[bytes] = []
+        done = 0
+        for attribute in attributes:
+            value = line[attribute.start : attribute.end]
+            replacement: bytes | None = None
+            kind = uri_attributes.get(attribute.name)
+            if kind is not None:
+                kind = kind_override or kind
+                # The value is handed over stripped; the whole quoted content is replaced.
+                stripped = value.strip()
+                if stripped:
+                    replacement = self._rewrite_uri(
+                        stripped, kind, imports if kind is UriKind.PLAYLIST else _NO_IMPORTS
+                    )
+            elif (
+                variables is not None
+                # §4.3: references are resolved in quoted-strings and hexadecimal-sequences.
+                and (attribute.quoted or value[:2] in (b"0x", b"0X"))
+                and b"{$" in value
+            ):
+                replacement = variables.substitute(value)
+            if replacement is not None:
+                pieces.append(line[done : attribute.start])
+                pieces.append(replacement)
+                done = attribute.end
+        if not pieces:
+            return line
+        pieces.append(line[done:])
+        return b"".join(pieces)
+
+    # -- tag handlers (exact names) -----------------------------------------------------------
+
+    def _variant_stream(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-STREAM-INF (RFC 8216bis §4.4.6.2): the next URI line is a media playlist."""
+        self.is_multivariant = True
+        self._variant_pending = True
+        if self._variables is not None and b"{$" in line:
+            return self._attribute_line(line, colon, None)
+        return line
+
+    def _define(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-DEFINE (RFC 8216bis §4.4.2.3): define, then drop the line."""
+        if self._variables is not None and colon >= 0:
+            define_from_line(
+                line,
+                colon,
+                self._variables,
+                query_urls=self._query_urls,
+                imported=self._imported,
+            )
+        return None
+
+    def _target_duration(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-TARGETDURATION (RFC 8216bis §4.4.3.1)."""
+        if self.target_duration is None and colon >= 0:
+            self.target_duration = _decimal(line[colon + 1 :])
+        return line
+
+    def _part_inf(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-PART-INF (RFC 8216bis §4.4.3.7): PART-TARGET."""
+        if self.part_target is None and colon >= 0:
+            for attribute in scan_attribute_list(line, colon + 1):
+                if attribute.name == b"PART-TARGET":
+                    self.part_target = _decimal(line[attribute.start : attribute.end])
+                    break
+        return line
+
+    def _endlist(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-ENDLIST (RFC 8216bis §4.4.3.4)."""
+        self.endlist = True
+        return line
+
+    def _playlist_type(self, line: bytes, colon: int) -> bytes | None:
+        """EXT-X-PLAYLIST-TYPE (RFC 8216bis §4.4.3.5): VOD or EVENT."""
+        if self.playlist_type is None and colon >= 0:
+            value = line[colon + 1 :].strip().decode("ascii", "replace").upper()
+            self.playlist_type = value if value in _PLAYLIST_TYPES else None
+        return line
+
+
+def _evaluate_defines(
+    lines: list[bytes], query_urls: tuple[str, ...], imported: Mapping[str, str]
+) -> Variables:
+    """Every variable the playlist defines, wherever its EXT-X-DEFINE line sits."""
+    variables = Variables()
+    for line in lines:
+        hash_at = line.find(b"#")
+        if hash_at < 0 or not line.startswith(_DEFINE_PREFIX, hash_at):
+            continue
+        if line[:hash_at].strip():
+            continue
+        name, colon = _tag_name(line, hash_at)
+        if name == _DEFINE_TAG and colon >= 0:
+            define_from_line(line, colon, variables, query_urls=query_urls, imported=imported)
+    return variables
+
+
+def rewrite_playlist(
+    body: bytes,
+    playlist_url: str,
+    map_uri: UriMapper,
+    *,
+    request_url: str | None = None,
+    imported: Mapping[str, str] | None = None,
+) -> tuple[bytes, PlaylistInfo]:
+    """Rewrite every URI of an m3u8 body through ``map_uri``; keep every other byte.
+
+    ``playlist_url`` is the final, post-redirect URL: the base for relative references and
+    the QUERYPARAM fallback. ``request_url`` is the URL originally requested (QUERYPARAM looks
+    there first). ``imported`` holds the variables handed down from the parent multivariant
+    playlist, for EXT-X-DEFINE:IMPORT.
+    """
+    bom = b""
+    if body.startswith(_BOM):
+        bom, body = _BOM, body[len(_BOM) :]
+    lines = body.split(b"\n")
+    imported = imported if imported is not None else _NO_IMPORTS
+    defines: Variables | None = None
+    if _DEFINE_PREFIX in body:
+        query_urls = (playlist_url,) if request_url is None else (request_url, playlist_url)
+        defines = _evaluate_defines(lines, query_urls, imported)
+    rewriter = _PlaylistRewriter(playlist_url, map_uri, request_url, imported, defines)
+    output = rewriter.rewrite_lines(lines)
+    info = PlaylistInfo(
+        is_multivariant=rewriter.is_multivariant,
+        target_duration=rewriter.target_duration,
+        part_target=rewriter.part_target,
+        endlist=rewriter.endlist,
+        playlist_type=rewriter.playlist_type,
+        variables=rewriter.variables,
+        uri_count=rewriter.uri_count,
+    )
+    return bom + b"\n".join(output), info

@@ -1,0 +1,237 @@
+"""One typed, frozen Settings object: the TOML config file, overridden by ``HLSRELAY_*`` env.
+
+Every option lives here with its default and unit; ``config/hlsrelay.toml`` documents each one.
+Settings are validated once at start-up: a bad file, key or value stops the program with one
+line naming it (:class:`ConfigError`, exit code 2 in the CLI). Nothing else reads the
+environment or the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/hlsrelay.toml")
+CONFIG_ENV = "HLSRELAY_CONFIG"
+DEFAULT_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line naming the culprit."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: AnyHttpUrl | None = None
+    """Absolute URL players reach the proxy at; minted URLs are root-relative when unset."""
+    base_path: str = ""
+    """Path prefix all routes live under (e.g. "/hls"), for a proxy behind a path-routing edge."""
+    shutdown_timeout: float = Field(10.0, ge=0)
+    """Seconds in-flight responses may take to finish after SIGTERM."""
+    log_format: Literal["text", "json"] = "text"
+    child_uris: Literal["relative", "root"] = "relative"
+    """How a rewritten playlist refers to its children: "relative" (``../ref/name``, compact)
+    or "root" (``/s/ctx/ref/name``, or absolute under public_url)."""
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        if any(c in value for c in "?#% "):
+            raise ValueError("must be a plain path")
+        return value
+
+
+class SecuritySettings(_Section):
+    secret: SecretStr | None = None
+    """Token key. When unset: read from secret_file, else generated (tokens die with the process)."""
+    secret_file: Path | None = None
+    """File holding the token key; created with a random key (mode 0600) when missing."""
+    api_keys: tuple[SecretStr, ...] = ()
+    """Keys that may mint stream URLs (POST /api/v1/streams, /proxy.m3u8). None: minting is off."""
+    token_ttl: int = Field(0, ge=0)
+    """Seconds a minted stream URL stays valid; 0 = no expiry."""
+    token_expiry_bucket: int = Field(300, ge=1)
+    """Expiry is rounded up to this many seconds, so tokens stay stable within a bucket."""
+    cors_origins: tuple[str, ...] = ("*",)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
+class UpstreamSettings(_Section):
+    connect_timeout: float = Field(5.0, gt=0)
+    """Seconds to open a connection (TCP and TLS) to an upstream."""
+    first_byte_timeout: float = Field(10.0, gt=0)
+    """Seconds from sending a request to the upstream's response headers."""
+    read_timeout: float = Field(15.0, gt=0)
+    """Seconds an upstream body may stay silent between two chunks."""
+    blocking_reload_timeout: float = Field(30.0, gt=0)
+    """First-byte seconds for LL-HLS blocking playlist reloads (_HLS_msn): > 3 target durations."""
+    max_redirects: int = Field(5, ge=0, le=30)
+    user_agent: str = DEFAULT_USER_AGENT
+    """Sent when the stream's header profile sets no User-Agent."""
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Non-global networks that may be reached anyway (e.g. "127.0.0.0/8" for a local engine)."""
+    max_playlist_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_connections: int = Field(1000, ge=1)
+    """Upstream connections open at once, over all hosts."""
+    max_connections_per_host: int = Field(0, ge=0)
+    """Upstream connections open at once to one host; 0 = no per-host limit."""
+
+    @field_validator("allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+        return value
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HLSRELAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = ServerSettings()
+    security: SecuritySettings = SecuritySettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file arrives as init kwargs; the environment overrides it, key by key.
+        return (env_settings, init_settings)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
+    """The config file to read and whether it was asked for (then it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read, merge and validate the configuration; raise :class:`ConfigError` on any fault.
+
+    ``overrides`` are whole sections (``server={"port": 0}``) laid over the file, for tests and
+    the CLI; the environment still wins over both.
+    """
+    file, required = config_path(path)
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: {exc.strerror}") from None
+    elif required:
+        raise ConfigError(f"{file}: no such config file")
+    for section, values in overrides.items():
+        merged = dict(data.get(section, {}))
+        merged.update(values)
+        data[section] = merged
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, file)) from None
+
+
+def _one_line(exc: ValidationError, file: Path) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "config"
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{file}: {where}: {message}{more}"
+
+
+def token_secret(settings: Settings) -> tuple[bytes, str]:
+    """The token key and where it came from: "config", "file" or "generated".
+
+    A generated key is written to ``security.secret_file`` when one is set, so ``hlsrelay sign``
+    and the server agree; otherwise it lives only as long as the process.
+    """
+    sec = settings.security
+    if sec.secret is not None:
+        return sec.secret.get_secret_value().encode(), "config"
+    if sec.secret_file is not None:
+        try:
+            text = sec.secret_file.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            raise ConfigError(f"security.secret_file: {sec.secret_file}: {exc.strerror}") from None
+        if text:
+            if len(text) < 16:
+                raise ConfigError(f"security.secret_file: {sec.secret_file}: key shorter than 16")
+            return text.encode(), "file"
+        generated = secrets.token_urlsafe(32)
+        try:
+            sec.secret_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(sec.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(generated + "\n")
+        except FileExistsError:  # another process won the race: use its key
+            return sec.secret_file.read_text().strip().encode(), "file"
+        except OSError as exc:
+            raise ConfigError(f"security.secret_file: {sec.secret_file}: {exc.strerror}") from None
+        return generated.encode(), "generated"
+    return secrets.token_urlsafe(32).encode(), "generated"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret masked (for check-config)."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    security = data["security"]
+    security["secret"] = "********" if settings.security.secret is not None else None
+    security["api_keys"] = ["********" for _ in settings.security.api_keys]
+    return data

@@ -1,0 +1,334 @@
+"""Deterministic, authenticated, encrypted stream tokens.
+
+A proxied URI is ``/s/{ctx}/{ref}/{name}``:
+
+* ``ctx`` carries the stream's header profile, the *base* (the directory of the URL the stream was
+  minted for) and, when a TTL is configured, an expiry rounded up to a bucket;
+* ``ref`` carries one upstream URL and its :class:`~proxy.hls.kinds.UriKind` (and, for child
+  playlists of a multivariant playlist with ``EXT-X-DEFINE``, the variables they may import).
+
+Both are sealed with AES-SIV, a deterministic AEAD: the same input always gives the same token, so a
+URI stays identical across playlist reloads and CDN cache keys stay stable, yet nothing in a URL can
+be read or forged. A ``ref`` is sealed with its ``ctx`` token as associated data, so a ref only
+opens under the context it was minted for: one stream's refs cannot be replayed with another
+stream's headers.
+
+Compactness matters because players on mobile data download every rewritten playlist. Two things
+keep tokens short: a URL under the context's base is stored as its suffix only (``720p/seg1.ts``
+rather than the whole URL), and a rewritten playlist refers to its children relative to itself
+(``../{ref}/{name}``), so the context is not repeated on every line.
+
+This module is pure: no I/O, no aiohttp. It never logs, and its errors never carry token contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from proxy.errors import BadSignature, InvalidHeader, MalformedToken, TokenExpired
+from proxy.hls.kinds import UriKind
+
+_CTX_AD = b"hlsrelay/ctx/1"
+_REF_AD = b"hlsrelay/ref/1"
+_SIV_TAG_BYTES = 16
+# base64url of at least one plaintext byte plus the SIV tag.
+_MIN_TOKEN_CHARS = math.ceil((_SIV_TAG_BYTES + 1) * 4 / 3)
+_MAX_TOKEN_CHARS = 16384
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+# ref flag byte: low 3 bits hold the kind.
+_KIND_MASK = 0x07
+_REF_SUFFIX = 0x08  # payload is relative to the context's base
+_REF_IMPORTS = 0x10  # payload is url NUL json(imports)
+_REF_ZLIB = 0x20  # payload is zlib-compressed
+# ctx flag byte
+_CTX_ZLIB = 0x01
+
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers the proxy owns on the upstream connection; a profile must not set them.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+_NAME_SAFE_RE = re.compile(r"[^A-Za-z0-9._~-]")
+_MAX_NAME_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StreamContext:
+    """What every request of one proxied stream shares."""
+
+    base: str
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    expires: int | None = None
+
+    def __repr__(self) -> str:  # headers may hold cookies: never in a repr or a log
+        return f"StreamContext(headers={len(self.headers)}, expires={self.expires})"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRef:
+    """One upstream resource of a stream."""
+
+    url: str = field(repr=False)
+    kind: UriKind
+    imports: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Validate a header profile and put it in canonical order.
+
+    Raises :class:`InvalidHeader` for a name that is not an RFC 9110 token, a value with CR, LF or
+    NUL (header injection), or a header the proxy itself owns (Host, Content-Length, ...).
+    """
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    seen: dict[str, tuple[str, str]] = {}
+    for name, value in items:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidHeader("header names and values must be strings")
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise InvalidHeader("invalid header name")
+        if any(c in value for c in "\r\n\x00"):
+            raise InvalidHeader(f"header {name!r} has a CR, LF or NUL in its value")
+        if name.lower() in _RESERVED_HEADERS:
+            raise InvalidHeader(f"header {name!r} is set by the proxy and cannot be overridden")
+        seen[name.lower()] = (name, value.strip())
+    return tuple(seen[key] for key in sorted(seen))
+
+
+def url_base(url: str) -> str:
+    """The directory of ``url``: scheme, authority and path up to the last ``/``."""
+    end = len(url)
+    for sep in ("?", "#"):
+        pos = url.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    authority_start = url.find("//")
+    path_start = url.find("/", authority_start + 2 if authority_start != -1 else 0)
+    if path_start == -1 or path_start >= end:
+        return url[:end] + "/"
+    return url[: url.rindex("/", path_start, end) + 1]
+
+
+def display_name(url: str, kind: UriKind) -> str:
+    """The cosmetic last path part of a proxied URI, so players and logs see an extension."""
+    end = len(url)
+    for sep in ("?", "#"):
+        pos = url.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    last = url[url.rfind("/", 0, end) + 1 : end]
+    name = _NAME_SAFE_RE.sub("_", last)[-_MAX_NAME_CHARS:].lstrip(".")
+    if not name:
+        return f"index.{kind.extension}" if kind is UriKind.PLAYLIST else f"file.{kind.extension}"
+    return name
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(token: str) -> bytes:
+    if not (_MIN_TOKEN_CHARS <= len(token) <= _MAX_TOKEN_CHARS) or not _TOKEN_RE.fullmatch(token):
+        raise MalformedToken("malformed token")
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise MalformedToken("malformed token") from None
+
+
+class TokenCodec:
+    """Mints and opens ``ctx`` and ``ref`` tokens under one secret.
+
+    Minting is memoised (bounded), because a live playlist reload mints the same refs again and
+    again; rewriting a 3,000-segment playlist whose tokens are cached is then a dict lookup a line.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        ttl_seconds: int = 0,
+        expiry_bucket_seconds: int = 300,
+        cache_entries: int = 200_000,
+    ) -> None:
+        if len(secret) < 16:
+            raise ValueError("the token secret must be at least 16 bytes")
+        key = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=b"hlsrelay tokens v1").derive(
+            secret
+        )
+        self._siv = AESSIV(key)
+        self._ttl = ttl_seconds
+        self._bucket = max(1, expiry_bucket_seconds)
+        self._max_entries = cache_entries
+        self._child_cache: dict[tuple[str, str, UriKind, tuple[tuple[str, str], ...]], str] = {}
+        self._ctx_cache: dict[str, StreamContext] = {}
+        self._ref_cache: dict[tuple[str, str], StreamRef] = {}
+
+    # -- contexts -------------------------------------------------------------------------------
+
+    def mint_context(
+        self,
+        url: str,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        *,
+        now: float | None = None,
+    ) -> str:
+        """A ``ctx`` token for a stream whose top resource is ``url``."""
+        profile = normalize_headers(headers)
+        expires: int | None = None
+        if self._ttl > 0:
+            moment = time.time() if now is None else now
+            expires = math.ceil((moment + self._ttl) / self._bucket) * self._bucket
+        doc: list[object] = [url_base(url), [list(pair) for pair in profile]]
+        if expires is not None:
+            doc.append(expires)
+        payload = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogateescape"
+        )
+        packed = zlib.compress(payload, 9)
+        if len(packed) < len(payload):
+            plain = bytes([_CTX_ZLIB]) + packed
+        else:
+            plain = b"\x00" + payload
+        return _b64encode(self._siv.encrypt(plain, [_CTX_AD]))
+
+    def open_context(self, token: str, *, now: float | None = None) -> StreamContext:
+        """Decrypt and check a ``ctx`` token (400 malformed, 403 forged, 410 expired)."""
+        ctx = self._ctx_cache.get(token)
+        if ctx is None:
+            plain = self._open(token, [_CTX_AD])
+            try:
+                payload = zlib.decompress(plain[1:]) if plain[0] & _CTX_ZLIB else plain[1:]
+                doc = json.loads(payload.decode("utf-8", "surrogateescape"))
+                base, pairs = doc[0], doc[1]
+                expires = int(doc[2]) if len(doc) > 2 else None
+                ctx = StreamContext(
+                    base=str(base),
+                    headers=tuple((str(k), str(v)) for k, v in pairs),
+                    expires=expires,
+                )
+            except (ValueError, IndexError, TypeError, KeyError, zlib.error):
+                # Authentic but unreadable: only an older or newer format can do this.
+                raise MalformedToken("unsupported token format") from None
+            self._remember(self._ctx_cache, token, ctx)
+        if ctx.expires is not None and (time.time() if now is None else now) > ctx.expires:
+            raise TokenExpired("this stream URL has expired")
+        return ctx
+
+    # -- refs -----------------------------------------------------------------------------------
+
+    def child_path(
+        self,
+        ctx_token: str,
+        ctx: StreamContext,
+        url: str,
+        kind: UriKind,
+        imports: Mapping[str, str] | None = None,
+    ) -> str:
+        """``{ref}/{name}`` for ``url`` in the stream ``ctx_token``; memoised."""
+        frozen_imports = tuple(sorted(imports.items())) if imports else ()
+        key = (ctx_token, url, kind, frozen_imports)
+        path = self._child_cache.get(key)
+        if path is None:
+            ref = self.mint_ref(ctx_token, ctx, url, kind, imports)
+            path = f"{ref}/{display_name(url, kind)}"
+            self._remember(self._child_cache, key, path)
+        return path
+
+    def mint_ref(
+        self,
+        ctx_token: str,
+        ctx: StreamContext,
+        url: str,
+        kind: UriKind,
+        imports: Mapping[str, str] | None = None,
+    ) -> str:
+        """A ``ref`` token for ``url``, bound to ``ctx_token``."""
+        flags = int(kind)
+        if url.startswith(ctx.base):
+            flags |= _REF_SUFFIX
+            payload = url[len(ctx.base) :].encode("utf-8", "surrogateescape")
+        else:
+            payload = url.encode("utf-8", "surrogateescape")
+        if imports:
+            flags |= _REF_IMPORTS
+            payload += b"\x00" + json.dumps(
+                dict(sorted(imports.items())), separators=(",", ":"), ensure_ascii=False
+            ).encode("utf-8", "surrogateescape")
+        if len(payload) > 48:
+            packed = zlib.compress(payload, 9)
+            if len(packed) < len(payload):
+                flags |= _REF_ZLIB
+                payload = packed
+        sealed = self._siv.encrypt(bytes([flags]) + payload, [_REF_AD, ctx_token.encode("ascii")])
+        return _b64encode(sealed)
+
+    def open_ref(self, ctx_token: str, ctx: StreamContext, token: str) -> StreamRef:
+        """Decrypt a ``ref`` token minted for ``ctx_token`` (400 malformed, 403 forged)."""
+        key = (ctx_token, token)
+        ref = self._ref_cache.get(key)
+        if ref is not None:
+            return ref
+        plain = self._open(token, [_REF_AD, ctx_token.encode("ascii")])
+        flags, payload = plain[0], plain[1:]
+        try:
+            kind = UriKind(flags & _KIND_MASK)
+            if flags & _REF_ZLIB:
+                payload = zlib.decompress(payload)
+            imports: dict[str, str] = {}
+            if flags & _REF_IMPORTS:
+                payload, _, raw_imports = payload.partition(b"\x00")
+                imports = {
+                    str(k): str(v)
+                    for k, v in json.loads(raw_imports.decode("utf-8", "surrogateescape")).items()
+                }
+            url = payload.decode("utf-8", "surrogateescape")
+        except (ValueError, zlib.error, AttributeError):
+            raise MalformedToken("unsupported token format") from None
+        if flags & _REF_SUFFIX:
+            url = ctx.base + url
+        ref = StreamRef(url=url, kind=kind, imports=imports)
+        self._remember(self._ref_cache, key, ref)
+        return ref
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _open(self, token: str, associated: list[bytes]) -> bytes:
+        raw = _b64decode(token)
+        try:
+            plain = self._siv.decrypt(raw, associated)
+        except InvalidTag:
+            raise BadSignature("token signature does not verify") from None
+        if not plain:
+            raise MalformedToken("malformed token")
+        return plain
+
+    def _remember(self, cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
+        # FIFO eviction: dicts keep insertion order, and a playlist's tokens are minted together.
+        if len(cache) >= self._max_entries:
+            del cache[next(iter(cache))]
+        cache[key] = value

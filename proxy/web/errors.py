@@ -1,0 +1,70 @@
+"""One middleware turns every failure into a JSON error; nothing else catches broadly."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.errors import HlsRelayError
+from proxy.metrics import status_class
+from proxy.web.keys import METRICS
+
+log = logging.getLogger("hlsrelay.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+def json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}},
+        status=status,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HlsRelayError as exc:
+        return json_error(exc.status, exc.code, exc.message, exc.headers())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_error(exc.status, code, exc.reason, headers)
+    except Exception:  # the one blanket catch: a bug must not reach the viewer as a traceback
+        log.exception("unhandled error on %s", request.match_info.route.name or "unmatched")
+        return json_error(500, "internal_error", "internal error")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.name or "unmatched"
+    started = time.perf_counter()
+    metrics.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        metrics.in_flight.dec()
+        metrics.requests.labels(route, status_class(status)).inc()
+        metrics.request_duration.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,16 @@
+"""Typed application keys: the only place app state lives (never module globals)."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.upstream.relay import StreamRelay
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+RELAY = web.AppKey("relay", StreamRelay)
+READY = web.AppKey("ready", dict[str, bool])

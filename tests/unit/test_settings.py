@@ -1,0 +1,131 @@
+"""Settings and the command line: file + env, one-line errors with exit 2, secrets masked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.__main__ import main
+from proxy.settings import ConfigError, load_settings, token_secret
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hlsrelay.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid_and_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HLSRELAY_CONFIG", raising=False)
+    settings = load_settings(REPO / "config" / "hlsrelay.toml")
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8080
+    assert settings.upstream.allow_networks == ()
+    assert settings.security.api_keys == ()
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[server]\nport = 1234\n[upstream]\nmax_redirects = 2\n")
+    monkeypatch.setenv("HLSRELAY_SERVER__PORT", "9000")
+    monkeypatch.setenv("HLSRELAY_UPSTREAM__ALLOW_NETWORKS", '["10.1.0.0/16"]')
+    settings = load_settings(path)
+    assert settings.server.port == 9000
+    assert settings.upstream.max_redirects == 2
+    assert str(settings.upstream.allow_networks[0]) == "10.1.0.0/16"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[server]\nport = 'eighty'\n", "server.port"),
+        ("[server]\nprot = 80\n", "server.prot: unknown key"),
+        ("[nonsense]\nx = 1\n", "nonsense: unknown key"),
+        ("[upstream]\nallow_networks = ['not-a-net']\n", "upstream.allow_networks"),
+        ("[security]\nsecret = 'short'\n", "security.secret"),
+        ("[server\n", "hlsrelay.toml"),
+    ],
+)
+def test_bad_config_names_the_culprit(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[server]\nport = -5\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "server.port" in err
+
+
+def test_missing_explicit_config_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", "/nonexistent/hlsrelay.toml"]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(
+        tmp_path,
+        "[security]\nsecret = 'super-secret-key-value-1234'\napi_keys = ['api-key-value-xyz']\n",
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "super-secret-key-value" not in out and "api-key-value-xyz" not in out
+    doc = json.loads(out)
+    assert doc["security"]["secret"] == "********"
+    assert doc["security"]["api_keys"] == ["********"]
+
+
+def test_secret_file_is_created_once_and_reused(tmp_path: Path) -> None:
+    key_file = tmp_path / "var" / "secret"
+    path = write(tmp_path, f"[security]\nsecret_file = '{key_file}'\n")
+    settings = load_settings(path)
+    first, origin = token_secret(settings)
+    assert origin == "generated"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again, origin = token_secret(settings)
+    assert (again, origin) == (first, "file")
+
+
+def test_sign_prints_a_url_the_server_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.tokens import TokenCodec
+
+    path = write(tmp_path, "[security]\nsecret = 'sign-test-secret-0123456789'\n")
+    code = main(
+        [
+            "sign",
+            "https://cdn.example.com/live/master.m3u8",
+            "--referer",
+            "https://site.example/",
+            "--header",
+            "X-Token: abc",
+            "--config",
+            str(path),
+        ]
+    )
+    assert code == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith("http://127.0.0.1:8080/s/") and url.endswith("/master.m3u8")
+    _, ctx_token, ref_token, _ = url.split("/", 3)[3].split("/")
+    codec = TokenCodec(b"sign-test-secret-0123456789")
+    ctx = codec.open_context(ctx_token)
+    assert dict(ctx.headers) == {"Referer": "https://site.example/", "X-Token": "abc"}
+    assert codec.open_ref(ctx_token, ctx, ref_token).url == "https://cdn.example.com/live/master.m3u8"
+
+
+def test_sign_refuses_header_injection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[security]\nsecret = 'sign-test-secret-0123456789'\n")
+    code = main(["sign", "https://a.example/x.m3u8", "--referer", "a\r\nb", "--config", str(path)])
+    assert code == 2
+    assert "CR" in capsys.readouterr().err
+
+
+def test_sign_without_any_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[server]\nport = 8080\n")
+    assert main(["sign", "https://a.example/x.m3u8", "--config", str(path)]) == 2
+    assert "security.secret" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""Tokens: deterministic, authenticated, encrypted, compact, bound to their context."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from proxy.errors import BadSignature, InvalidHeader, MalformedToken, TokenExpired
+from proxy.hls.kinds import UriKind
+from proxy.tokens import TokenCodec, display_name, normalize_headers, url_base
+
+SECRET = b"unit-test-secret-0123456789"
+URL = "https://cdn.example.com/vod/abc/master.m3u8?sig=s3cr3t"
+HEADERS = {"Referer": "https://site.example/watch", "Cookie": "session=viewer-cookie"}
+
+
+def codec(**kw: int) -> TokenCodec:
+    return TokenCodec(SECRET, **kw)
+
+
+def test_same_input_gives_same_tokens_across_codecs() -> None:
+    a, b = codec(), codec()
+    ctx_a, ctx_b = a.mint_context(URL, HEADERS), b.mint_context(URL, HEADERS)
+    assert ctx_a == ctx_b
+    ca, cb = a.open_context(ctx_a), b.open_context(ctx_b)
+    assert a.child_path(ctx_a, ca, URL, UriKind.PLAYLIST) == b.child_path(
+        ctx_b, cb, URL, UriKind.PLAYLIST
+    )
+
+
+def test_header_order_and_case_duplicates_do_not_change_the_context() -> None:
+    c = codec()
+    one = c.mint_context(URL, {"Referer": "r", "Origin": "o"})
+    two = c.mint_context(URL, [("Origin", "o"), ("Referer", "r")])
+    assert one == two
+
+
+def test_round_trip_context_and_ref() -> None:
+    c = codec()
+    token = c.mint_context(URL, HEADERS)
+    ctx = c.open_context(token)
+    assert ctx.base == "https://cdn.example.com/vod/abc/"
+    assert dict(ctx.headers) == HEADERS
+    for url, kind in [
+        ("https://cdn.example.com/vod/abc/720p/seg_1.ts?x=%2F", UriKind.MEDIA),
+        ("https://keys.example.net/k/1?token=a%20b", UriKind.KEY),
+        ("http://other.example/init.mp4", UriKind.INIT),
+    ]:
+        ref_token = c.mint_ref(token, ctx, url, kind)
+        ref = c.open_ref(token, ctx, ref_token)
+        assert (ref.url, ref.kind) == (url, kind)
+
+
+def test_imports_travel_in_the_ref() -> None:
+    c = codec()
+    token = c.mint_context(URL, {})
+    ctx = c.open_context(token)
+    ref = c.open_ref(
+        token, ctx, c.mint_ref(token, ctx, URL, UriKind.PLAYLIST, {"host": "a.example"})
+    )
+    assert dict(ref.imports) == {"host": "a.example"}
+
+
+def test_nothing_readable_in_tokens() -> None:
+    c = codec()
+    token = c.mint_context(URL, HEADERS)
+    path = c.child_path(token, c.open_context(token), URL, UriKind.PLAYLIST)
+    for secret_part in ("cdn.example.com", "s3cr3t", "viewer-cookie", "site.example"):
+        assert secret_part not in token and secret_part not in path
+        decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        assert secret_part.encode() not in decoded
+
+
+def test_tampered_token_is_a_bad_signature() -> None:
+    c = codec()
+    token = c.mint_context(URL, HEADERS)
+    flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    with pytest.raises(BadSignature):
+        c.open_context(flipped)
+
+
+def test_other_secret_is_a_bad_signature() -> None:
+    token = codec().mint_context(URL, HEADERS)
+    with pytest.raises(BadSignature):
+        TokenCodec(b"another-secret-0123456789").open_context(token)
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!", "a" * 20000, "é" * 30])
+def test_garbage_is_malformed(garbage: str) -> None:
+    with pytest.raises(MalformedToken):
+        codec().open_context(garbage)
+
+
+def test_ref_only_opens_under_its_own_context() -> None:
+    c = codec()
+    mine = c.mint_context(URL, {"Cookie": "mine"})
+    theirs = c.mint_context(URL, {"Cookie": "theirs"})
+    my_ctx, their_ctx = c.open_context(mine), c.open_context(theirs)
+    ref = c.mint_ref(mine, my_ctx, URL, UriKind.MEDIA)
+    with pytest.raises(BadSignature):
+        c.open_ref(theirs, their_ctx, ref)
+
+
+def test_a_ref_is_not_a_context() -> None:
+    c = codec()
+    token = c.mint_context(URL, {})
+    ref = c.mint_ref(token, c.open_context(token), URL, UriKind.MEDIA)
+    with pytest.raises(BadSignature):
+        c.open_context(ref)
+
+
+def test_expiry_is_bucketed_and_enforced() -> None:
+    c = codec(ttl_seconds=600, expiry_bucket_seconds=300)
+    now = 1_000_000.0
+    token = c.mint_context(URL, {}, now=now)
+    # Stable within a bucket: another mint a few seconds later is the same token.
+    assert c.mint_context(URL, {}, now=now + 10) == token
+    ctx = c.open_context(token, now=now + 500)
+    assert ctx.expires is not None and ctx.expires >= now + 600
+    assert ctx.expires % 300 == 0
+    with pytest.raises(TokenExpired):
+        c.open_context(token, now=ctx.expires + 1)
+
+
+def test_suffix_form_keeps_refs_short() -> None:
+    c = codec()
+    token = c.mint_context(URL, HEADERS)
+    ctx = c.open_context(token)
+    child = c.child_path(token, ctx, "https://cdn.example.com/vod/abc/seg_00001.ts", UriKind.MEDIA)
+    ref, name = child.split("/")
+    assert name == "seg_00001.ts"
+    assert len(ref) <= 48
+
+
+def test_child_path_is_memoised_and_stable() -> None:
+    c = codec()
+    token = c.mint_context(URL, {})
+    ctx = c.open_context(token)
+    first = c.child_path(token, ctx, URL, UriKind.MEDIA)
+    assert c.child_path(token, ctx, URL, UriKind.MEDIA) is first
+    assert codec().child_path(token, ctx, URL, UriKind.MEDIA) == first
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"Referer": "a\r\nX-Evil: 1"}, "CR"),
+        ({"User-Agent": "a\nb"}, "CR"),
+        ({"Bad Name": "x"}, "name"),
+        ({"Host": "evil.example"}, "set by the proxy"),
+        ({"Content-Length": "1"}, "set by the proxy"),
+    ],
+)
+def test_header_profile_validation(headers: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidHeader, match=message):
+        normalize_headers(headers)
+
+
+def test_url_base_and_display_name() -> None:
+    assert url_base("https://h.example/a/b/c.m3u8?x=/y/z") == "https://h.example/a/b/"
+    assert url_base("https://h.example") == "https://h.example/"
+    assert url_base("https://h.example?q=1") == "https://h.example/"
+    assert display_name("https://h.example/a/seg%201.ts?x=1", UriKind.MEDIA) == "seg_201.ts"
+    assert display_name("https://h.example/", UriKind.PLAYLIST) == "index.m3u8"
+    assert display_name("https://h.example/get.php?a=1", UriKind.MEDIA) == "get.php"
+    assert display_name("https://h.example/..", UriKind.KEY) == "file.key"
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        TokenCodec(b"short")
