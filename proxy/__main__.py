@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help="config file (default: $HLSRELAY_CONFIG or config/hlsrelay.toml)")
+    serve.add_argument(
+        "--config", help="config file (default: $HLSRELAY_CONFIG or config/hlsrelay.toml)"
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
 
@@ -86,7 +88,11 @@ def _sign(args: argparse.Namespace, settings: Settings) -> int:
             "set security.secret or security.secret_file"
         )
     headers: dict[str, str] = {}
-    for value, name in ((args.referer, "Referer"), (args.origin, "Origin"), (args.user_agent, "User-Agent")):
+    for value, name in (
+        (args.referer, "Referer"),
+        (args.origin, "Origin"),
+        (args.user_agent, "User-Agent"),
+    ):
         if value:
             headers[name] = value
     for raw in args.header:
@@ -108,7 +114,9 @@ def _sign(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(exc.message) from None
     base = relay.prefix
     if not base.startswith("http"):
-        host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = (
+            settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        )
         base = f"http://{host}:{settings.server.port}{base}"
     print(base + path)
     return 0
@@ -124,8 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             server["port"] = args.port
         settings = load_settings(args.config, **({"server": server} if server else {}))
         if args.command == "check-config":
-            token_secret_origin = "set" if settings.security.secret is not None else (
-                f"from {settings.security.secret_file}" if settings.security.secret_file else "generated at start"
+            token_secret_origin = (
+                "set"
+                if settings.security.secret is not None
+                else (
+                    f"from {settings.security.secret_file}"
+                    if settings.security.secret_file
+                    else "generated at start"
+                )
             )
             doc = masked(settings)
             doc["security"]["secret_source"] = token_secret_origin

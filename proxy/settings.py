@@ -69,7 +69,7 @@ class ServerSettings(_Section):
 
 class SecuritySettings(_Section):
     secret: SecretStr | None = None
-    """Token key. When unset: read from secret_file, else generated (tokens die with the process)."""
+    """Token key. Unset: read from secret_file, else generated (URLs die with the process)."""
     secret_file: Path | None = None
     """File holding the token key; created with a random key (mode 0600) when missing."""
     api_keys: tuple[SecretStr, ...] = ()

@@ -98,7 +98,9 @@ class StreamRef:
     imports: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
-def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+def normalize_headers(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
     """Validate a header profile and put it in canonical order.
 
     Raises :class:`InvalidHeader` for a name that is not an RFC 9110 token, a value with CR, LF or
@@ -177,9 +179,9 @@ class TokenCodec:
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must be at least 16 bytes")
-        key = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=b"hlsrelay tokens v1").derive(
-            secret
-        )
+        key = HKDF(
+            algorithm=hashes.SHA256(), length=64, salt=None, info=b"hlsrelay tokens v1"
+        ).derive(secret)
         self._siv = AESSIV(key)
         self._ttl = ttl_seconds
         self._bucket = max(1, expiry_bucket_seconds)
@@ -210,10 +212,8 @@ class TokenCodec:
             "utf-8", "surrogateescape"
         )
         packed = zlib.compress(payload, 9)
-        if len(packed) < len(payload):
-            plain = bytes([_CTX_ZLIB]) + packed
-        else:
-            plain = b"\x00" + payload
+        # Compress when it pays: long User-Agents and cookies often do, a bare Referer does not.
+        plain = bytes([_CTX_ZLIB]) + packed if len(packed) < len(payload) else b"\x00" + payload
         return _b64encode(self._siv.encrypt(plain, [_CTX_AD]))
 
     def open_context(self, token: str, *, now: float | None = None) -> StreamContext:

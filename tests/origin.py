@@ -59,7 +59,9 @@ class Origin:
 
     # -- route helpers ------------------------------------------------------------------------
 
-    def playlist(self, path: str, text: str | bytes, content_type: str = "application/vnd.apple.mpegurl") -> None:
+    def playlist(
+        self, path: str, text: str | bytes, content_type: str = "application/vnd.apple.mpegurl"
+    ) -> None:
         body = text.encode() if isinstance(text, str) else text
 
         async def handler(request: web.Request) -> web.StreamResponse:

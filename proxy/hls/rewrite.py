@@ -148,41 +148,44 @@ class _PlaylistRewriter:
         # without variables is the base directory plus the line (see PlaylistBase.resolve).
         directory = self._base.directory if self._variables is None else None
         media, no_imports = UriKind.MEDIA, _NO_IMPORTS
+        not_plain = _NOT_PLAIN_FIRST_BYTES
         fast_count = 0
-        dropped_last = False
+        dropped_at = -1
         for line in lines:
             if not line:
                 append(line)
-                dropped_last = False
                 continue
             first = line[0]
             if first == 0x23:  # '#'
                 # EXTINF is most of a media playlist and never holds a URI or an attribute list.
                 rewritten = line if line.startswith(b"#EXTINF") else tag_line(line, 0)
-            elif (
-                directory is not None
-                and first > 0x20
-                and first not in _NOT_PLAIN_FIRST_BYTES
-                and line[-1] > 0x20
-                and not self._variant_pending
-            ):
+            elif directory is not None and first > 0x20 and first not in not_plain:
+                rewritten = None
+                # A bare relative reference, also with the \r of a CRLF playlist after it.
                 # The checks run on str: `bytes in bytes` is several times slower here.
-                reference = line.decode("utf-8", "surrogateescape")
-                if "/." in reference or ":" in reference:
+                cr = line[-1] == 0x0D
+                reference = line[:-1] if cr else line
+                if reference[-1] > 0x20 and not self._variant_pending:
+                    try:
+                        text = reference.decode()
+                    except UnicodeDecodeError:
+                        text = "/."  # not valid UTF-8: leave it to the general path
+                    if "/." not in text and ":" not in text:
+                        fast_count += 1
+                        rewritten = map_uri(directory + text, media, no_imports).encode(
+                            "utf-8", "surrogateescape"
+                        )
+                        if cr:
+                            rewritten += b"\r"
+                if rewritten is None:
                     rewritten = uri_line(line)
-                else:
-                    fast_count += 1
-                    rewritten = map_uri(directory + reference, media, no_imports).encode(
-                        "utf-8", "surrogateescape"
-                    )
             else:
                 rewritten = uri_line(line)
             if rewritten is None:
-                dropped_last = True
+                dropped_at = len(output)
             else:
                 append(rewritten)
-                dropped_last = False
-        if dropped_last:
+        if dropped_at == len(output):
             # The dropped last line had no newline of its own; the one before it stays.
             append(b"")
         self.uri_count += fast_count

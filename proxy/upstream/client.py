@@ -101,7 +101,7 @@ class UpstreamResponse:
             yield chunk
 
     async def read_capped(self, cap: int, head: bytes = b"") -> bytes:
-        """The whole body (after ``head``, bytes already taken), or PlaylistTooLarge past ``cap``."""
+        """The whole body (after ``head``, bytes already read), or PlaylistTooLarge past ``cap``."""
         declared = self.raw.content_length
         if declared is not None and declared > cap and not self.raw.headers.get("Content-Encoding"):
             raise PlaylistTooLarge(f"playlist is larger than upstream.max_playlist_bytes ({cap})")
@@ -110,7 +110,9 @@ class UpstreamResponse:
         async for chunk in self.iter_chunks():
             size += len(chunk)
             if size > cap:
-                raise PlaylistTooLarge(f"playlist is larger than upstream.max_playlist_bytes ({cap})")
+                raise PlaylistTooLarge(
+                    f"playlist is larger than upstream.max_playlist_bytes ({cap})"
+                )
             parts.append(chunk)
         return b"".join(parts)
 

@@ -22,7 +22,9 @@ from proxy.tokens import StreamContext, StreamRef, TokenCodec, display_name
 from proxy.upstream.client import UpstreamClient, UpstreamResponse
 
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
-_PLAYLIST_TYPES = ("mpegurl",)  # application/vnd.apple.mpegurl, application/x-mpegurl, audio/mpegurl
+_PLAYLIST_TYPES = (
+    "mpegurl",
+)  # application/vnd.apple.mpegurl, application/x-mpegurl, audio/mpegurl
 _LL_HLS_DIRECTIVES = frozenset({"_HLS_msn", "_HLS_part", "_HLS_skip"})
 # Ranges and validators are the only viewer headers that go upstream; cookies and auth never do.
 MEDIA_REQUEST_HEADERS = ("Range", "If-Range")
@@ -162,7 +164,9 @@ class StreamRelay:
     ) -> RewrittenPlaylist | MediaStream:
         status = response.status
         if status == 416:
-            return MediaStream(response, ref.kind)  # a Range past the end: the player needs the 416 as is
+            return MediaStream(
+                response, ref.kind
+            )  # a Range past the end: the player needs the 416 as is
         if status >= 300:
             raise UpstreamStatus(status)
         is_playlist_type = any(t in response.content_type for t in _PLAYLIST_TYPES)

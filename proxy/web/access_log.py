@@ -15,6 +15,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 
 def _describe(request: web.BaseRequest) -> tuple[str, str]:
+    if not isinstance(request, web.Request):
+        return "unmatched", "-"
     info = request.match_info
     route = info.route.name if info and info.route.name else "unmatched"
     if route == "stream":
@@ -45,7 +47,7 @@ class AccessLogger(AbstractAccessLogger):
             )
         else:
             self.logger.info(
-                '%s %s %s %d %dB %.1fms %s',
+                "%s %s %s %d %dB %.1fms %s",
                 request.method,
                 path,
                 route,

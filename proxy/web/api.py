@@ -85,7 +85,11 @@ async def proxy_m3u8(request: web.Request) -> web.Response:
     _check_api_key(request, query.get("api_key"))
     url = _check_upstream_url(query.get("url"))
     headers: dict[str, str] = {}
-    for param, header in (("referer", "Referer"), ("origin", "Origin"), ("user_agent", "User-Agent")):
+    for param, header in (
+        ("referer", "Referer"),
+        ("origin", "Origin"),
+        ("user_agent", "User-Agent"),
+    ):
         if query.get(param):
             headers[header] = query[param]
     for raw in query.getall("header", []):

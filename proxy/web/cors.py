@@ -24,6 +24,8 @@ def _allowed_origin(request: web.BaseRequest, origins: tuple[str, ...]) -> str |
 
 async def add_cors_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """on_response_prepare hook: headers go on streamed responses too, before their first byte."""
+    if not isinstance(request, web.Request):
+        return
     origins = request.app[SETTINGS].security.cors_origins
     allowed = _allowed_origin(request, origins)
     if allowed is None:

@@ -29,7 +29,9 @@ def mint(client: Client, url: str, headers: dict[str, str] | None = None) -> str
 def proxied_uris(body: str) -> list[str]:
     """Every proxied URI in a rewritten playlist: URI lines and quoted URI attributes."""
     uris = re.findall(r'(?:URI|SERVER-URI|X-ASSET-URI|X-ASSET-LIST)="([^"]*)"', body)
-    uris += [line.strip() for line in body.splitlines() if line.strip() and not line.startswith("#")]
+    uris += [
+        line.strip() for line in body.splitlines() if line.strip() and not line.startswith("#")
+    ]
     return [u for u in uris if u.startswith("../") or "/s/" in u]
 
 
@@ -112,7 +114,9 @@ async def test_children_fetch_the_right_upstream_with_headers(
     master_path = mint(proxy, f"{origin.url}/vod/master.m3u8")
     master = await (await proxy.get(master_path)).text()
     lines = master.splitlines()
-    variant_uri = lines[next(i for i, x in enumerate(lines) if x.startswith("#EXT-X-STREAM-INF")) + 1]
+    variant_uri = lines[
+        next(i for i, x in enumerate(lines) if x.startswith("#EXT-X-STREAM-INF")) + 1
+    ]
     variant_resp = await follow(proxy, master_path, variant_uri)
     assert variant_resp.status == 200
     variant_path = str(URL(master_path).join(URL(variant_uri, encoded=True)))
@@ -172,7 +176,9 @@ async def test_relative_uris_resolve_against_post_redirect_url(
     proxy: Client, origin: Origin
 ) -> None:
     origin.redirect("/start.m3u8", "/elsewhere/deep/real.m3u8", status=301)
-    origin.playlist("/elsewhere/deep/real.m3u8", "#EXTM3U\n#EXTINF:2,\nseg.ts\n#EXTINF:2,\n../up.ts\n")
+    origin.playlist(
+        "/elsewhere/deep/real.m3u8", "#EXTM3U\n#EXTINF:2,\nseg.ts\n#EXTINF:2,\n../up.ts\n"
+    )
     origin.media("/elsewhere/deep/seg.ts", b"deep")
     origin.media("/elsewhere/up.ts", b"up")
     path = mint(proxy, f"{origin.url}/start.m3u8")
@@ -243,9 +249,7 @@ async def test_blocking_reload_outlives_the_normal_first_byte_timeout(
 
 
 async def test_upstream_urls_are_sent_byte_exact(proxy: Client, origin: Origin) -> None:
-    origin.playlist(
-        "/e/index.m3u8", "#EXTM3U\n#EXTINF:1,\nseg%2Fone.ts?sig=a%2Bb%3D&x=%7E~\n"
-    )
+    origin.playlist("/e/index.m3u8", "#EXTM3U\n#EXTINF:1,\nseg%2Fone.ts?sig=a%2Bb%3D&x=%7E~\n")
 
     async def record(request: web.Request) -> web.Response:
         return web.Response(body=b"exact")
@@ -300,7 +304,9 @@ async def test_oversized_playlist_is_a_clear_502(
     assert error["code"] == "playlist_too_large" and "2048" in error["message"]
 
 
-@pytest.mark.parametrize(("upstream", "expected"), [(500, 502), (503, 502), (403, 502), (404, 404), (410, 410)])
+@pytest.mark.parametrize(
+    ("upstream", "expected"), [(500, 502), (503, 502), (403, 502), (404, 404), (410, 410)]
+)
 async def test_upstream_error_statuses(
     proxy: Client, origin: Origin, upstream: int, expected: int
 ) -> None:
@@ -351,7 +357,9 @@ async def test_body_stalling_mid_segment_cuts_the_response(
     proxy_factory: ProxyFactory, origin: Origin
 ) -> None:
     async def stall_mid_body(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "200000", "Content-Type": "video/mp2t"})
+        response = web.StreamResponse(
+            headers={"Content-Length": "200000", "Content-Type": "video/mp2t"}
+        )
         await response.prepare(request)
         await response.write(b"a" * 1000)
         await asyncio.sleep(5)
@@ -440,7 +448,9 @@ async def test_ssrf_redirect_hop_to_a_forbidden_address_is_refused(
         (lambda ctx, ref: (ref, ctx), 403, "bad_signature"),
     ],
 )
-async def test_bad_tokens(proxy: Client, origin: Origin, mangle: Any, status: int, code: str) -> None:
+async def test_bad_tokens(
+    proxy: Client, origin: Origin, mangle: Any, status: int, code: str
+) -> None:
     _, _, ctx, ref, name = mint(proxy, f"{origin.url}/a.m3u8").split("/")
     bad_ctx, bad_ref = mangle(ctx, ref)
     resp = await proxy.get(f"/s/{bad_ctx}/{bad_ref}/{name}")
@@ -479,8 +489,18 @@ async def test_api_mints_urls_that_play(proxy: Client, origin: Origin) -> None:
     ("headers", "body", "status", "code"),
     [
         ({}, {"url": "https://a.example/x.m3u8"}, 401, "unauthorized"),
-        ({"Authorization": "Bearer wrong"}, {"url": "https://a.example/x.m3u8"}, 401, "unauthorized"),
-        ({"Authorization": f"Bearer {TEST_API_KEY}"}, {"url": "ftp://a.example/x"}, 400, "bad_request"),
+        (
+            {"Authorization": "Bearer wrong"},
+            {"url": "https://a.example/x.m3u8"},
+            401,
+            "unauthorized",
+        ),
+        (
+            {"Authorization": f"Bearer {TEST_API_KEY}"},
+            {"url": "ftp://a.example/x"},
+            400,
+            "bad_request",
+        ),
         ({"Authorization": f"Bearer {TEST_API_KEY}"}, {"nope": 1}, 400, "bad_request"),
         ({"Authorization": f"Bearer {TEST_API_KEY}"}, [1, 2], 400, "bad_request"),
         (
@@ -519,7 +539,9 @@ async def test_minting_is_off_without_api_keys(proxy_factory: ProxyFactory) -> N
     client = await proxy_factory(security={"api_keys": []})
     resp = await client.post("/api/v1/streams", json={"url": "https://a.example/x.m3u8"})
     assert resp.status == 403
-    resp = await client.get("/proxy.m3u8", params={"url": "https://a.example/x.m3u8", "api_key": ""})
+    resp = await client.get(
+        "/proxy.m3u8", params={"url": "https://a.example/x.m3u8", "api_key": ""}
+    )
     assert resp.status == 403
 
 

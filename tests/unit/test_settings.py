@@ -115,7 +115,9 @@ def test_sign_prints_a_url_the_server_accepts(
     codec = TokenCodec(b"sign-test-secret-0123456789")
     ctx = codec.open_context(ctx_token)
     assert dict(ctx.headers) == {"Referer": "https://site.example/", "X-Token": "abc"}
-    assert codec.open_ref(ctx_token, ctx, ref_token).url == "https://cdn.example.com/live/master.m3u8"
+    assert (
+        codec.open_ref(ctx_token, ctx, ref_token).url == "https://cdn.example.com/live/master.m3u8"
+    )
 
 
 def test_sign_refuses_header_injection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,7 +127,9 @@ def test_sign_refuses_header_injection(tmp_path: Path, capsys: pytest.CaptureFix
     assert "CR" in capsys.readouterr().err
 
 
-def test_sign_without_any_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sign_without_any_key_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "[server]\nport = 8080\n")
     assert main(["sign", "https://a.example/x.m3u8", "--config", str(path)]) == 2
     assert "security.secret" in capsys.readouterr().err

@@ -86,7 +86,9 @@ def test_other_secret_is_a_bad_signature() -> None:
         TokenCodec(b"another-secret-0123456789").open_context(token)
 
 
-@pytest.mark.parametrize("garbage", ["", "abc", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!", "a" * 20000, "é" * 30])
+@pytest.mark.parametrize(
+    "garbage", ["", "abc", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!", "a" * 20000, "é" * 30]
+)
 def test_garbage_is_malformed(garbage: str) -> None:
     with pytest.raises(MalformedToken):
         codec().open_context(garbage)
