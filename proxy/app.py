@@ -73,7 +73,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         ttl_seconds=settings.security.token_ttl,
         expiry_bucket_seconds=settings.security.token_expiry_bucket,
     )
-    client = UpstreamClient(session, settings.upstream, guard)
+    client = UpstreamClient(session, settings.upstream, guard, app[METRICS])
     app[CLIENT_SESSION] = session
     app[RELAY] = StreamRelay(client, codec, settings)
     app[READY]["ready"] = True

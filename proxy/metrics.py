@@ -47,13 +47,13 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "hlsrelay_upstream_requests_total",
-            "Requests sent to upstreams, by resource kind",
+            "Requests sent to upstreams (each redirect hop counts), by resource kind",
             ["kind"],
             registry=r,
         )
         self.upstream_errors = Counter(
             "hlsrelay_upstream_errors_total",
-            "Upstream requests that failed, by reason",
+            "Upstream requests that failed, by reason (an error code of proxy.errors)",
             ["reason"],
             registry=r,
         )

@@ -172,9 +172,11 @@ class _PlaylistRewriter:
                         text = "/."  # not valid UTF-8: leave it to the general path
                     if "/." not in text and ":" not in text:
                         fast_count += 1
-                        rewritten = map_uri(directory + text, media, no_imports).encode(
-                            "utf-8", "surrogateescape"
-                        )
+                        replacement = map_uri(directory + text, media, no_imports)
+                        try:
+                            rewritten = replacement.encode()
+                        except UnicodeEncodeError:
+                            rewritten = replacement.encode("utf-8", "surrogateescape")
                         if cr:
                             rewritten += b"\r"
                 if rewritten is None:

@@ -61,6 +61,10 @@ class Variables:
         return MappingProxyType(dict(self._text))
 
 
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
 def query_parameter(url: str, name: str) -> str | None:
     """The percent-decoded value of the first query parameter ``name`` of ``url``.
 
@@ -93,20 +97,20 @@ def define_from_line(
     the multivariant playlist that loaded this one, for IMPORT.
     """
     attributes = {
-        a.name: line[a.start : a.end].decode("utf-8", "surrogateescape")
-        for a in scan_attribute_list(line, colon + 1)
-        if a.quoted
+        a.name: line[a.start : a.end] for a in scan_attribute_list(line, colon + 1) if a.quoted
     }
     if b"NAME" in attributes:
         value = attributes.get(b"VALUE")
         if value is not None:
-            variables.define(attributes[b"NAME"], value)
+            # VALUE is a quoted-string like any other: references to variables defined above
+            # are resolved (as hls.js does), so no reference survives the dropped DEFINE lines.
+            variables.define(_text(attributes[b"NAME"]), _text(variables.substitute(value)))
     elif b"IMPORT" in attributes:
-        name = attributes[b"IMPORT"]
+        name = _text(attributes[b"IMPORT"])
         if name in imported:
             variables.define(name, imported[name])
     elif b"QUERYPARAM" in attributes:
-        name = attributes[b"QUERYPARAM"]
+        name = _text(attributes[b"QUERYPARAM"])
         for url in query_urls:
             found = query_parameter(url, name)
             if found is not None:

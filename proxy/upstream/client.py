@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +35,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.metrics import Metrics
 from proxy.settings import UpstreamSettings
 from proxy.upstream.guard import DestinationGuard
 
@@ -147,10 +149,16 @@ class UpstreamClient:
         session: aiohttp.ClientSession,
         settings: UpstreamSettings,
         guard: DestinationGuard,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._settings = settings
         self._guard = guard
+        self._metrics = metrics if metrics is not None else Metrics()
+
+    def count_error(self, code: str) -> None:
+        """Count an upstream failure found after the headers (status, size, body)."""
+        self._metrics.upstream_errors.labels(code).inc()
 
     async def open(
         self,
@@ -160,11 +168,30 @@ class UpstreamClient:
         method: str = "GET",
         first_byte_timeout: float | None = None,
         decompress: bool = True,
+        kind: str = "media",
     ) -> UpstreamResponse:
         """Send ``method`` to ``url`` with exactly ``headers`` and follow redirects.
 
         Returns the first non-redirect response with its headers read and its body unread.
+        ``kind`` labels the metrics (a resource kind, never anything from the URL).
         """
+        metrics = self._metrics
+        try:
+            return await self._open(url, headers, method, first_byte_timeout, decompress, kind)
+        except HlsRelayError as exc:
+            metrics.upstream_errors.labels(exc.code).inc()
+            raise
+
+    async def _open(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        method: str,
+        first_byte_timeout: float | None,
+        decompress: bool,
+        kind: str,
+    ) -> UpstreamResponse:
+        metrics = self._metrics
         settings = self._settings
         first_byte = first_byte_timeout or settings.first_byte_timeout
         timeout = aiohttp.ClientTimeout(
@@ -180,6 +207,8 @@ class UpstreamClient:
         target = URL(url, encoded=True)
         for _hop in range(settings.max_redirects + 1):
             self._guard.check_url(target)
+            metrics.upstream_requests.labels(kind).inc()
+            started = time.perf_counter()
             with upstream_errors():
                 async with asyncio.timeout(first_byte):
                     raw = await self._session.request(
@@ -190,6 +219,7 @@ class UpstreamClient:
                         timeout=timeout,
                         auto_decompress=decompress,
                     )
+            metrics.upstream_ttfb.labels(kind).observe(time.perf_counter() - started)
             location = raw.headers.get("Location")
             if raw.status not in REDIRECT_STATUSES or not location:
                 encoding = raw.headers.get("Content-Encoding", "identity").strip().lower()

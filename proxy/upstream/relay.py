@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.errors import BadRequest, UpstreamStatus
+from proxy.errors import BadRequest, UpstreamError, UpstreamStatus
 from proxy.hls.kinds import UriKind
 from proxy.hls.rewrite import PlaylistInfo, rewrite_playlist
 from proxy.settings import Settings
@@ -140,15 +140,22 @@ class StreamRelay:
             response = await self._client.open(
                 url,
                 headers,
+                kind="playlist",
                 first_byte_timeout=(
                     self._settings.upstream.blocking_reload_timeout if blocking else None
                 ),
             )
         else:
             url = ref.url
-            response = await self._client.open(url, headers, method=method, decompress=False)
+            response = await self._client.open(
+                url, headers, method=method, decompress=False, kind=ref.kind.name.lower()
+            )
         try:
             return await self._classify(ctx_token, ctx, ref, url, response, method)
+        except UpstreamError as exc:
+            response.close()
+            self._client.count_error(exc.code)
+            raise
         except BaseException:
             response.close()
             raise

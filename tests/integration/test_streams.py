@@ -633,3 +633,16 @@ async def test_base_path_and_root_child_uris(proxy_factory: ProxyFactory, origin
     assert await (await client.get(child)).read() == b"seg"
     assert (await client.get("/healthz")).status == 404
     assert (await client.get("/hls/healthz")).status == 200
+
+
+async def test_upstream_metrics_count_requests_and_errors(proxy: Client, origin: Origin) -> None:
+    origin.playlist("/m/index.m3u8", "#EXTM3U\n")
+    origin.status("/m/gone.ts", 500)
+    await proxy.get(mint(proxy, f"{origin.url}/m/index.m3u8"))
+    await proxy.get(mint(proxy, f"{origin.url}/m/gone.ts"))
+    text = await (await proxy.get("/metrics")).text()
+    assert 'hlsrelay_upstream_requests_total{kind="playlist"} 2.0' in text
+    assert 'hlsrelay_upstream_errors_total{reason="upstream_status"} 1.0' in text
+    assert 'hlsrelay_upstream_ttfb_seconds_count{kind="playlist"} 2.0' in text
+    # Labels are bounded: no URL, host or port of the origin in the exposition.
+    assert origin.url.split("//")[1] not in text
