@@ -70,9 +70,7 @@ def remove_dot_segments(path: str) -> str:
     while i < n:
         if path.startswith("../", i):  # rule A
             i += 3
-        elif path.startswith("./", i):  # rule A
-            i += 2
-        elif path.startswith("/./", i):  # rule B: "/./" becomes "/"
+        elif path.startswith(("./", "/./"), i):  # rule A, and rule B: "/./" becomes "/"
             i += 2
         elif path.startswith("/.", i) and i + 2 == n:  # rule B: a final "/." becomes "/"
             output.append("/")
@@ -115,6 +113,7 @@ def resolve_reference(base_url: str, reference: str) -> str:
         return _recompose(
             ref.scheme, ref.authority, remove_dot_segments(ref.path), ref.query, ref.fragment
         )
+    authority: str | None
     if ref.authority is not None:
         authority, path, query = ref.authority, remove_dot_segments(ref.path), ref.query
     else:
