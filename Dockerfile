@@ -12,7 +12,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /dist/*.whl /tmp/
 RUN pip install --no-cache-dir /tmp/*.whl && rm /tmp/*.whl \
-    && useradd --system --uid 10001 --home-dir /app hlsrelay
+    && useradd --system --uid 10001 --home-dir /app hlsrelay \
+    && mkdir -p /app/var && chown hlsrelay /app/var
 WORKDIR /app
 COPY config ./config
 USER hlsrelay
