@@ -12,7 +12,6 @@ removal: CDN signatures live in these bytes. It never does I/O and never raises 
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import NamedTuple
 
@@ -175,11 +174,6 @@ class PlaylistBase:
         return target if _is_web_url(target) else None
 
 
-@functools.lru_cache(maxsize=256)
-def _playlist_base(url: str) -> PlaylistBase:
-    return PlaylistBase(url)
-
-
 def resolve_uri(base_url: str, reference: str) -> str | None:
     """Absolute http(s) URL for ``reference`` (RFC 3986 §5.2) against ``base_url``.
 
@@ -187,4 +181,5 @@ def resolve_uri(base_url: str, reference: str) -> str | None:
     is not an http/https URL with a host (``skd:``, ``data:``, other schemes, an empty
     reference). Nothing is re-encoded: percent-escapes and odd characters stay byte-exact.
     """
-    return _playlist_base(base_url).resolve(reference)
+    # One-off calls; the rewriter keeps one PlaylistBase for a whole playlist instead.
+    return PlaylistBase(base_url).resolve(reference)

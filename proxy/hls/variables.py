@@ -72,10 +72,9 @@ def query_parameter(url: str, name: str) -> str | None:
     percent-decoded"; a parameter without a value (``?token``) does not define the variable.
     '+' is not a space here: this is RFC 3986 percent-decoding, not form decoding.
     """
-    _, question, rest = url.partition("?")
+    _, question, query = url.partition("#")[0].partition("?")
     if not question:
         return None
-    query = rest.partition("#")[0]
     for pair in query.split("&"):
         key, equals, value = pair.partition("=")
         if equals and unquote(key, errors="surrogateescape") == name:

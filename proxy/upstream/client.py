@@ -40,8 +40,6 @@ from proxy.settings import UpstreamSettings
 from proxy.upstream.guard import DestinationGuard
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# Body chunks handed to the viewer: big enough to keep syscalls few, small enough to stream.
-CHUNK_BYTES = 256 * 1024
 
 
 @contextlib.contextmanager

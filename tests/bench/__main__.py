@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests.bench.bench_core import (
     CONCURRENT_FETCHES,
+    MAX_RELAY_ROUNDS,
     SEGMENT_BYTES,
     SEGMENTS,
     SEQUENTIAL_FETCHES,
@@ -94,8 +95,8 @@ def _relay_table(figures: list[RelayFigure], rounds: int) -> list[str]:
         "common start). Bytes checked against the origin's before timing. The client, the "
         f"origin and hlsrelay share this machine's {os.cpu_count()} CPUs, so on a small machine "
         "the proxied figures include CPU contention with the other two. hlsrelay CPU: its "
-        "process's user + system time (from /proc) per MiB relayed. hlsrelay logs every "
-        "request, as shipped.",
+        "process's user + system time (from /proc) per MiB relayed, over all recorded "
+        "rounds. hlsrelay logs every request, as shipped.",
         "",
         "| pattern | path | throughput | TTFB | hlsrelay CPU per MiB |",
         "|---|---|---|---|---|",
@@ -106,7 +107,7 @@ def _relay_table(figures: list[RelayFigure], rounds: int) -> list[str]:
     }
     by_key = {(f.pattern, f.path): f for f in figures}
     for f in figures:
-        cpu = f.proxy_cpu_ms_per_mib.show("ms") if f.proxy_cpu_ms_per_mib else "-"
+        cpu = "-" if f.proxy_cpu_ms_per_mib is None else f"{f.proxy_cpu_ms_per_mib:.2f} ms"
         rows.append(
             f"| {labels[f.pattern]} | {f.path} | {f.throughput_mib_s.show('MiB/s', 0)} "
             f"| {f.ttfb_ms.show('ms')} | {cpu} |"
@@ -126,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="rewrite rounds (default 15)")
     parser.add_argument(
-        "--relay-rounds", type=int, default=15, help="recorded relay rounds per path (default 15)"
+        "--relay-rounds", type=int, default=25, help="recorded relay rounds per path (default 25)"
     )
     parser.add_argument("--skip-relay", action="store_true", help="only the rewrite benchmarks")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or not 1 <= args.relay_rounds <= 60:
-        parser.error("--rounds must be ≥ 1 and --relay-rounds between 1 and 60")
+    if args.rounds < 1 or not 1 <= args.relay_rounds <= MAX_RELAY_ROUNDS:
+        parser.error(f"--rounds must be ≥ 1 and --relay-rounds between 1 and {MAX_RELAY_ROUNDS}")
 
     began = time.monotonic()
     command = shlex.join([sys.executable, "-m", "tests.bench", *sys.argv[1:]])

@@ -53,8 +53,9 @@ SEGMENTS = 3000
 SEGMENT_BYTES = 2 * 1024 * 1024
 SEGMENT_SEED = 20240501
 # Sequential fetches per round; concurrent fetches per round.
-SEQUENTIAL_FETCHES = 24
+SEQUENTIAL_FETCHES = 32
 CONCURRENT_FETCHES = 16
+MAX_RELAY_ROUNDS = 60
 START_TIMEOUT_S = 20.0
 FETCH_TIMEOUT_S = 30.0
 
@@ -105,7 +106,9 @@ class RelayFigure:
     path: str
     throughput_mib_s: Spread
     ttfb_ms: Spread
-    proxy_cpu_ms_per_mib: Spread | None = None
+    proxy_cpu_ms_per_mib: float | None = None
+    """hlsrelay's CPU time per MiB relayed, over all recorded rounds together: the kernel
+    counts in ticks (10 ms), too coarse to give each round its own figure."""
 
 
 # -- playlists ---------------------------------------------------------------------------------
@@ -392,7 +395,8 @@ async def _measure_relay(
             )
 
         figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        cpu: dict[str, list[float]] = {"sequential": [], "concurrent": []}
+        cpu_seconds: dict[str, float] = {"sequential": 0.0, "concurrent": 0.0}
+        relayed_mib: dict[str, float] = {"sequential": 0.0, "concurrent": 0.0}
 
         async def one_round(path: str, record: bool) -> None:
             nonlocal cursor
@@ -412,8 +416,8 @@ async def _measure_relay(
                 if record:
                     figures.setdefault((pattern, path), []).append(result)
                     if path == "hlsrelay":
-                        relayed_mib = len(batch) * SEGMENT_BYTES / 2**20
-                        cpu[pattern].append((cpu_after - cpu_before) * 1000 / relayed_mib)
+                        cpu_seconds[pattern] += cpu_after - cpu_before
+                        relayed_mib[pattern] += len(batch) * SEGMENT_BYTES / 2**20
 
         for number in range(rounds + 1):  # round 0 warms connections and pools, not recorded
             order = ("direct", "hlsrelay") if number % 2 else ("hlsrelay", "direct")
@@ -429,7 +433,7 @@ async def _measure_relay(
                 path,
                 Spread.of([mib_s for mib_s, _ in results]),
                 Spread.of([ttfb * 1000 for _, ttfb in results]),
-                Spread.of(cpu[pattern]) if path == "hlsrelay" else None,
+                cpu_seconds[pattern] * 1000 / relayed_mib[pattern] if path == "hlsrelay" else None,
             )
         )
     out.sort(key=lambda f: (f.pattern != "sequential", f.path != "direct"))
@@ -483,7 +487,8 @@ def _serve_origin(port: int) -> None:
     from aiohttp import web
 
     payload = segment_bytes()
-    count = 1 + (SEQUENTIAL_FETCHES + CONCURRENT_FETCHES) * 64
+    # One URL per fetch: the check fetch, then every round's fetches (warm-up round included).
+    count = 1 + (SEQUENTIAL_FETCHES + CONCURRENT_FETCHES) * (MAX_RELAY_ROUNDS + 1)
     playlist = "\n".join(
         [
             "#EXTM3U",
@@ -540,6 +545,7 @@ def machine() -> dict[str, str]:
     return {
         "cpus": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
         "cpu model": cpu_model,
+        "load average at start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": ", ".join(packages),

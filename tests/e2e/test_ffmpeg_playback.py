@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -83,17 +84,17 @@ def remux_args(playlist_url: str, program: int, *, headers: str | None = None) -
 
 
 async def test_gated_origin_refuses_requests_without_the_referer(
-    gated_origin: RefererGatedOrigin, proxy_factory: ProxyFactory
+    gated_origin: RefererGatedOrigin,
 ) -> None:
     """The gate is real: without the Referer, the very first request already fails."""
-    proxy = await proxy_factory()
-    session = proxy.session
-    async with session.get(f"{gated_origin.url}/vod/master.m3u8") as refused:
-        assert refused.status == 403
-    async with session.get(
-        f"{gated_origin.url}/vod/master.m3u8", headers={"Referer": REFERER}
-    ) as served:
-        assert served.status == 200
+    master = f"{gated_origin.url}/vod/master.m3u8"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(master) as refused:
+            assert refused.status == 403
+        async with session.get(master, headers={"Referer": "https://elsewhere.test/"}) as wrong:
+            assert wrong.status == 403
+        async with session.get(master, headers={"Referer": REFERER}) as served:
+            assert served.status == 200
 
 
 @pytest.mark.parametrize("program", [0, 1])
