@@ -7,63 +7,54 @@ the line.
 
 This module only reports where things are. It must never rebuild or normalise a line, never
 raise on malformed input (it stops at the first thing it cannot read and reports what it
-read before), and never backtrack: a huge line costs linear time.
+read before), and never search: every match is anchored where the previous one ended, so a
+huge or hostile line costs linear time.
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Final, TypeAlias
 
-# Whitespace around names, '=' and ',' is not in the grammar, but it is harmless to accept
-# and is seen in hand-written playlists.
-_NAME_EQUALS = re.compile(rb"[ \t]*([A-Za-z0-9_\-]+)[ \t]*=[ \t]*")
-_TRAILING_BLANKS = b" \t\r"
-_BLANKS = frozenset(b" \t")
+# One attribute and the ',' after it. Whitespace around names, '=' and ',' is not in the
+# grammar, but it is harmless to accept and is seen in hand-written playlists. Bytes between
+# a closing quote and the next ',' are skipped, as players do (the quoted value still counts).
+# Possessive quantifiers: a failed match gives nothing back, so it cannot backtrack at length.
+_ATTRIBUTE: Final = re.compile(
+    rb'[ \t]*+([A-Za-z0-9_\-]++)[ \t]*+=[ \t]*+(?:"([^"]*+)"[^,]*+|([^",]*+))(?:,|\Z)'
+)
+_TRAILING_BLANKS: Final = b" \t\r"
+_BLANK_BYTES: Final = frozenset(b" \t")
 
-
-class Attribute(NamedTuple):
-    """One ``NAME=value`` of an attribute list, as offsets into the scanned line."""
-
-    name: bytes
-    start: int
-    """Offset of the value; for a quoted-string, of the first byte inside the quotes."""
-    end: int
-    """Offset just past the value; for a quoted-string, of the closing quote."""
-    quoted: bool
+Attribute: TypeAlias = tuple[bytes, int, int, bool]
+"""``(name, start, end, quoted)``: the value is ``line[start:end]``; for a quoted-string the
+span is inside the quotes. A plain tuple, because the rewriter makes thousands of them."""
 
 
 def scan_attribute_list(line: bytes, start: int) -> list[Attribute]:
     """The attributes of ``line[start:]`` (the text after a tag's ``:``), in order.
 
-    Stops quietly at an unterminated quoted-string or at anything that is not ``NAME=``: the
-    attributes before that point are returned, the rest of the line is left to pass through.
+    Stops quietly at an unterminated quoted-string or at anything that is not
+    ``NAME=value``: the attributes before that point are returned, the rest of the line is
+    left to pass through.
     """
     end = len(line.rstrip(_TRAILING_BLANKS))
     attributes: list[Attribute] = []
+    append = attributes.append
+    match = _ATTRIBUTE.match
     pos = start
     while pos < end:
-        name_match = _NAME_EQUALS.match(line, pos, end)
-        if name_match is None:
+        found = match(line, pos, end)
+        if found is None:
             break
-        pos = name_match.end()
-        if pos < end and line[pos] == 0x22:  # '"'
-            close = line.find(b'"', pos + 1, end)
-            if close < 0:
-                break  # an unterminated quoted-string: its extent is unknowable
-            attributes.append(Attribute(name_match.group(1), pos + 1, close, True))
-            pos = close + 1
+        pos = found.end()
+        value_start = found.start(2)
+        if value_start >= 0:
+            append((found.group(1), value_start, found.end(2), True))
         else:
-            comma = line.find(b",", pos, end)
-            value_end = end if comma < 0 else comma
-            while value_end > pos and line[value_end - 1] in _BLANKS:
+            value_start, value_end = found.span(3)
+            # Blanks before the ',' are not part of an unquoted value.
+            while value_end > value_start and line[value_end - 1] in _BLANK_BYTES:
                 value_end -= 1
-            attributes.append(Attribute(name_match.group(1), pos, value_end, False))
-            pos = value_end
-        comma = line.find(b",", pos, end)
-        if comma < 0:
-            break
-        if line[pos:comma].strip(b" \t"):
-            break  # bytes between a value and the next ',': not an attribute list we can read
-        pos = comma + 1
+            append((found.group(1), value_start, value_end, False))
     return attributes

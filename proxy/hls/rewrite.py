@@ -22,13 +22,7 @@ from typing import Final
 
 from proxy.hls.attributes import scan_attribute_list
 from proxy.hls.kinds import UriKind
-from proxy.hls.tags import (
-    DEFINE_TAG,
-    MULTIVARIANT_TAGS,
-    URI_TAGS,
-    VARIANT_STREAM_TAG,
-    UriTag,
-)
+from proxy.hls.tags import DEFINE_TAG, URI_TAGS, VARIANT_STREAM_TAG, UriTag
 from proxy.hls.uri import PlaylistBase
 from proxy.hls.variables import Variables, define_from_line
 
@@ -68,11 +62,26 @@ _PLAYLIST_TYPES: Final = frozenset({"VOD", "EVENT"})
 # network-path, query-only, or possibly a dot segment).
 _NOT_PLAIN_FIRST_BYTES: Final = frozenset(b"/?.")
 
-_URI_TAGS: Final[Mapping[bytes, UriTag]] = {t.name.encode(): t for t in URI_TAGS}
-_URI_ATTRIBUTES: Final[Mapping[bytes, Mapping[bytes, UriKind]]] = {
-    t.name.encode(): {a.encode(): k for a, k in t.uri_attributes.items()} for t in URI_TAGS
-}
-_MULTIVARIANT_TAGS: Final = frozenset(n.encode() for n in MULTIVARIANT_TAGS)
+
+@dataclass(frozen=True, slots=True)
+class _UriRule:
+    """A row of the tag table in the form the hot loop wants: bytes keys."""
+
+    uri_kinds: Mapping[bytes, UriKind]
+    kind_by_type: Mapping[bytes, UriKind]
+    multivariant: bool
+
+    @classmethod
+    def of(cls, row: UriTag) -> _UriRule:
+        return cls(
+            {name.encode(): kind for name, kind in row.uri_attributes.items()},
+            {value.encode(): kind for value, kind in row.kind_by_type.items()},
+            row.multivariant,
+        )
+
+
+_URI_RULES: Final[Mapping[bytes, _UriRule]] = {t.name.encode(): _UriRule.of(t) for t in URI_TAGS}
+_NO_URI_ATTRIBUTES: Final[Mapping[bytes, UriKind]] = {}
 _VARIANT_STREAM_TAG: Final = VARIANT_STREAM_TAG.encode()
 _DEFINE_TAG: Final = DEFINE_TAG.encode()
 _DEFINE_PREFIX: Final = b"#" + _DEFINE_TAG
@@ -102,13 +111,13 @@ class _PlaylistRewriter:
         self,
         playlist_url: str,
         map_uri: UriMapper,
-        request_url: str | None,
+        query_urls: tuple[str, ...],
         imported: Mapping[str, str],
         defines: Variables | None,
     ) -> None:
         self._base = PlaylistBase(playlist_url)
         self._map_uri = map_uri
-        self._query_urls = (playlist_url,) if request_url is None else (request_url, playlist_url)
+        self._query_urls = query_urls
         self._imported = imported
         # Substitution only happens when the body has EXT-X-DEFINE lines (`defines` holds all
         # of them, evaluated up front, for the imports of child playlists); `_variables` grows
@@ -144,6 +153,7 @@ class _PlaylistRewriter:
         tag_line = self.tag_line
         uri_line = self.uri_line
         map_uri = self._map_uri
+        resolve = self._base.resolve
         # The hot path, inlined: a bare relative URI line ("seg_00001.ts") of a media playlist
         # without variables is the base directory plus the line (see PlaylistBase.resolve).
         directory = self._base.directory if self._variables is None else None
@@ -159,20 +169,30 @@ class _PlaylistRewriter:
             if first == 0x23:  # '#'
                 # EXTINF is most of a media playlist and never holds a URI or an attribute list.
                 rewritten = line if line.startswith(b"#EXTINF") else tag_line(line, 0)
-            elif directory is not None and first > 0x20 and first not in not_plain:
+            elif directory is not None and first > 0x20:
                 rewritten = None
-                # A bare relative reference, also with the \r of a CRLF playlist after it.
-                # The checks run on str: `bytes in bytes` is several times slower here.
+                # A URI line of a playlist without variables, also with the \r of a CRLF
+                # playlist after it: resolved here rather than in uri_line, which is general.
                 cr = line[-1] == 0x0D
                 reference = line[:-1] if cr else line
                 if reference[-1] > 0x20 and not self._variant_pending:
                     try:
                         text = reference.decode()
                     except UnicodeDecodeError:
-                        text = "/."  # not valid UTF-8: leave it to the general path
-                    if "/." not in text and ":" not in text:
+                        text = ""  # not valid UTF-8: leave it to the general path
+                    if not text:
+                        url = None
+                    elif first not in not_plain and "/." not in text and ":" not in text:
+                        # The commonest line of all, "seg_00001.ts": a concatenation. (The
+                        # checks run on str: `bytes in bytes` is several times slower.)
+                        url = directory + text
+                    else:
+                        url = resolve(text)
+                        if url is None:
+                            rewritten = line  # skd:, data:, other schemes: as written
+                    if url is not None:
                         fast_count += 1
-                        replacement = map_uri(directory + text, media, no_imports)
+                        replacement = map_uri(url, media, no_imports)
                         try:
                             rewritten = replacement.encode()
                         except UnicodeEncodeError:
@@ -217,15 +237,16 @@ class _PlaylistRewriter:
 
     def tag_line(self, line: bytes, hash_at: int) -> bytes | None:
         """A tag or comment line; None drops it."""
-        name, colon = _tag_name(line, hash_at)
+        colon = line.find(b":", hash_at)
+        name = line[hash_at + 1 : colon] if colon >= 0 else line[hash_at + 1 :].rstrip()
         handler = self._handlers.get(name)
         if handler is not None:
             return handler(line, colon)
-        row = _URI_TAGS.get(name)
-        if row is not None:
-            if row.multivariant:
+        rule = _URI_RULES.get(name)
+        if rule is not None:
+            if rule.multivariant:
                 self.is_multivariant = True
-            return self._attribute_line(line, colon, row)
+            return self._attribute_line(line, colon, rule)
         if colon >= 0 and self._variables is not None and b"{$" in line:
             return self._attribute_line(line, colon, None)
         return line
@@ -236,59 +257,61 @@ class _PlaylistRewriter:
         """The replacement for one URI's bytes, or None to keep them (after substitution)."""
         variables = self._variables
         substituted = uri if variables is None else variables.substitute(uri)
-        url = self._base.resolve(substituted.decode("utf-8", "surrogateescape"))
+        try:
+            text = substituted.decode()
+        except UnicodeDecodeError:
+            text = substituted.decode("utf-8", "surrogateescape")  # keep the bytes as they are
+        url = self._base.resolve(text)
         if url is None:
             return None if substituted is uri else substituted
         self.uri_count += 1
-        return self._map_uri(url, kind, imports).encode("utf-8", "surrogateescape")
+        replacement = self._map_uri(url, kind, imports)
+        try:
+            return replacement.encode()
+        except UnicodeEncodeError:
+            return replacement.encode("utf-8", "surrogateescape")
 
-    def _attribute_line(self, line: bytes, colon: int, row: UriTag | None) -> bytes:
+    def _attribute_line(self, line: bytes, colon: int, rule: _UriRule | None) -> bytes:
         """Substitute variables in quoted-string and hexadecimal values; rewrite URI values."""
         if colon < 0:
             return line
         attributes = scan_attribute_list(line, colon + 1)
         if not attributes:
             return line
-        uri_attributes: Mapping[bytes, UriKind] = {}
+        uri_kinds = _NO_URI_ATTRIBUTES
         kind_override: UriKind | None = None
         imports = _NO_IMPORTS
-        if row is not None:
-            uri_attributes = _URI_ATTRIBUTES[row.name.encode()]
-            if row.kind_by_type:
-                for attribute in attributes:
-                    if attribute.name == b"TYPE":
-                        type_value = line[attribute.start : attribute.end].decode(
-                            "ascii", "replace"
-                        )
-                        kind_override = row.kind_by_type.get(type_value)
-            if row.multivariant:
+        if rule is not None:
+            uri_kinds = rule.uri_kinds
+            if rule.kind_by_type:
+                for name, start, end, _ in attributes:
+                    if name == b"TYPE":
+                        kind_override = rule.kind_by_type.get(line[start:end])
+            if rule.multivariant:
                 imports = self._imports
         variables = self._variables
         pieces: list[bytes] = []
         done = 0
-        for attribute in attributes:
-            value = line[attribute.start : attribute.end]
+        for name, start, end, quoted in attributes:
             replacement: bytes | None = None
-            kind = uri_attributes.get(attribute.name)
+            kind = uri_kinds.get(name)
             if kind is not None:
                 kind = kind_override or kind
                 # The value is handed over stripped; the whole quoted content is replaced.
-                stripped = value.strip()
-                if stripped:
+                uri = line[start:end].strip()
+                if uri:
                     replacement = self._rewrite_uri(
-                        stripped, kind, imports if kind is UriKind.PLAYLIST else _NO_IMPORTS
+                        uri, kind, imports if kind is UriKind.PLAYLIST else _NO_IMPORTS
                     )
-            elif (
-                variables is not None
+            elif variables is not None:
+                value = line[start:end]
                 # §4.3: references are resolved in quoted-strings and hexadecimal-sequences.
-                and (attribute.quoted or value[:2] in (b"0x", b"0X"))
-                and b"{$" in value
-            ):
-                replacement = variables.substitute(value)
+                if (quoted or value[:2] in (b"0x", b"0X")) and b"{$" in value:
+                    replacement = variables.substitute(value)
             if replacement is not None:
-                pieces.append(line[done : attribute.start])
+                pieces.append(line[done:start])
                 pieces.append(replacement)
-                done = attribute.end
+                done = end
         if not pieces:
             return line
         pieces.append(line[done:])
@@ -325,9 +348,9 @@ class _PlaylistRewriter:
     def _part_inf(self, line: bytes, colon: int) -> bytes | None:
         """EXT-X-PART-INF (RFC 8216bis §4.4.3.7): PART-TARGET."""
         if self.part_target is None and colon >= 0:
-            for attribute in scan_attribute_list(line, colon + 1):
-                if attribute.name == b"PART-TARGET":
-                    self.part_target = _decimal(line[attribute.start : attribute.end])
+            for name, start, end, _ in scan_attribute_list(line, colon + 1):
+                if name == b"PART-TARGET":
+                    self.part_target = _decimal(line[start:end])
                     break
         return line
 
@@ -372,8 +395,8 @@ def rewrite_playlist(
     """Rewrite every URI of an m3u8 body through ``map_uri``; keep every other byte.
 
     ``playlist_url`` is the final, post-redirect URL: the base for relative references and
-    the QUERYPARAM fallback. ``request_url`` is the URL originally requested (QUERYPARAM looks
-    there first). ``imported`` holds the variables handed down from the parent multivariant
+    where QUERYPARAM looks first. ``request_url`` is the URL originally requested (QUERYPARAM's
+    fallback). ``imported`` holds the variables handed down from the parent multivariant
     playlist, for EXT-X-DEFINE:IMPORT.
     """
     bom = b""
@@ -381,11 +404,13 @@ def rewrite_playlist(
         bom, body = _BOM, body[len(_BOM) :]
     lines = body.split(b"\n")
     imported = imported if imported is not None else _NO_IMPORTS
+    # RFC 8216bis §4.4.2.3: "If the URI is redirected, the client MUST look for the query
+    # parameter in the 30x response URI": the final URL first, then the one first asked for.
+    query_urls = (playlist_url,) if request_url is None else (playlist_url, request_url)
     defines: Variables | None = None
     if _DEFINE_PREFIX in body:
-        query_urls = (playlist_url,) if request_url is None else (request_url, playlist_url)
         defines = _evaluate_defines(lines, query_urls, imported)
-    rewriter = _PlaylistRewriter(playlist_url, map_uri, request_url, imported, defines)
+    rewriter = _PlaylistRewriter(playlist_url, map_uri, query_urls, imported, defines)
     output = rewriter.rewrite_lines(lines)
     info = PlaylistInfo(
         is_multivariant=rewriter.is_multivariant,

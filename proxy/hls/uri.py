@@ -3,8 +3,8 @@
 Every URI in a playlist is resolved here against the final, post-redirect URL of the playlist
 that holds it, and only ``http``/``https`` results come out: this is where ``skd://``,
 ``data:`` and every other scheme are refused. The rewriter calls it once per URI, thousands of
-times per playlist, so a plain relative reference (``seg_00001.ts``) takes a fast path that is
-one string concatenation.
+times per playlist, so the common forms (``seg_00001.ts``, ``/live/x.ts``, an absolute URL)
+take shortcuts that cost a concatenation instead of a parse, and give the same result.
 
 This module must never re-encode, decode or normalise anything beyond RFC 3986 dot-segment
 removal: CDN signatures live in these bytes. It never does I/O and never raises on input.
@@ -21,6 +21,7 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # None, which keeps "undefined" (no '?') apart from "empty" (a bare '?').
 _AFTER_SCHEME = re.compile(r"(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?", re.DOTALL)
 _WEB_SCHEMES = frozenset({"http", "https"})
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
 
 
 class _Reference(NamedTuple):
@@ -61,9 +62,22 @@ def _recompose(
 
 
 def remove_dot_segments(path: str) -> str:
-    """RFC 3986 §5.2.4, in one left-to-right pass (linear even on a hostile, huge path)."""
+    """RFC 3986 §5.2.4. Linear time, even on a hostile, huge path."""
     if "." not in path:
         return path
+    if path.startswith("/"):
+        # An absolute path (every merged path of a web URL): the same result, segment-wise.
+        segments = path.split("/")
+        kept: list[str] = []
+        for segment in segments[1:]:
+            if segment == "..":
+                if kept:
+                    kept.pop()
+            elif segment != ".":
+                kept.append(segment)
+        if segments[-1] in (".", ".."):
+            kept.append("")  # "/a/b/.." is the directory "/a/"
+        return "/" + "/".join(kept)
     output: list[str] = []
     i, n = 0, len(path)
     while i < n:
@@ -101,13 +115,8 @@ def _merge(base: _Reference, reference_path: str) -> str:
     return base.path[: base.path.rfind("/") + 1] + reference_path
 
 
-def resolve_reference(base_url: str, reference: str) -> str:
-    """The target URI of ``reference`` against ``base_url``: RFC 3986 §5.2.2, strict parser.
-
-    Any scheme; no policy. Percent-escapes and every other character are kept as written.
-    """
-    base = _split(base_url)
-    ref = _split(reference)
+def _resolve_split(base: _Reference, ref: _Reference) -> str:
+    """RFC 3986 §5.2.2 (strict parser) on split references, then §5.3."""
     if ref.scheme is not None:
         return _recompose(
             ref.scheme, ref.authority, remove_dot_segments(ref.path), ref.query, ref.fragment
@@ -129,6 +138,14 @@ def resolve_reference(base_url: str, reference: str) -> str:
     return _recompose(base.scheme, authority, path, query, ref.fragment)
 
 
+def resolve_reference(base_url: str, reference: str) -> str:
+    """The target URI of ``reference`` against ``base_url``: RFC 3986 §5.2.2, strict parser.
+
+    Any scheme; no policy. Percent-escapes and every other character are kept as written.
+    """
+    return _resolve_split(_split(base_url), _split(reference))
+
+
 def _is_web_url(url: str) -> bool:
     scheme_match = _SCHEME.match(url)
     if scheme_match is None:
@@ -143,35 +160,62 @@ def _is_web_url(url: str) -> bool:
 class PlaylistBase:
     """The resolution base of one playlist, prepared once for thousands of references."""
 
-    __slots__ = ("directory", "url")
+    __slots__ = ("_directory_path", "_origin", "_parts", "_scheme", "directory", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
-        directory: str | None = None
+        self._parts = base = _split(url)
+        self._scheme = (base.scheme or "") + ":"
+        self._origin = ""
+        self._directory_path = ""
+        self.directory: str | None = None
+        """The base URL up to its last '/' (RFC 3986 §5.2.3), or None for a non-web base."""
         if _is_web_url(url):
-            base = _split(url)
+            self._origin = _recompose(base.scheme, base.authority, "", None, None)
             # The merged-and-normalised directory: RFC 3986 §5.2.3 plus §5.2.4 applied to the
             # base alone, which equals the full algorithm for a reference with no dot segments.
-            directory_path = remove_dot_segments(_merge(base, ""))
-            directory = _recompose(base.scheme, base.authority, directory_path, None, None)
-        self.directory = directory
-        """The base URL up to its last '/' (RFC 3986 §5.2.3), or None for a non-web base."""
+            self._directory_path = remove_dot_segments(_merge(base, ""))
+            self.directory = self._origin + self._directory_path
 
     def resolve(self, reference: str) -> str | None:
         """See :func:`resolve_uri`."""
         if not reference:
             return None
-        directory = self.directory
-        if (
-            directory is not None
-            and reference[0] not in "/?#."
-            and "/." not in reference
-            and (":" not in reference or _SCHEME.match(reference) is None)
-        ):
-            # Fast path: a plain relative path is appended to the base directory as is.
-            return directory + reference
-        target = resolve_reference(self.url, reference)
+        if self.directory is not None:
+            # Shortcuts for the common forms, each giving exactly what the full algorithm
+            # (below) gives, for a concatenation or two instead of a parse.
+            first = reference[0]
+            if first == "/":
+                if reference[1:2] != "/":  # "/live/x.ts"
+                    if "/." not in reference:
+                        return self._origin + reference
+                    return self._with_dot_segments(reference)
+                if "/." not in reference and reference[2:3] not in "/?#":
+                    return self._scheme + reference  # "//cdn.example/x.ts"
+            elif first in "?#":
+                pass
+            elif reference.startswith(("https://", "http://")):
+                if "/." not in reference:  # already absolute; needs a host
+                    host_at = reference.index("//") + 2
+                    return reference if reference[host_at : host_at + 1] not in "/?#" else None
+            elif ":" in reference and _SCHEME.match(reference) is not None:
+                pass  # another scheme, or an odd spelling of http: the full algorithm decides
+            elif first != "." and "/." not in reference:
+                return self.directory + reference  # "seg.ts", "720p/index.m3u8?x=1"
+            else:
+                return self._with_dot_segments(reference)  # "../x.ts", "a/./b.ts"
+        target = _resolve_split(self._parts, _split(reference))
         return target if _is_web_url(target) else None
+
+    def _with_dot_segments(self, reference: str) -> str:
+        """A relative or root-relative path reference, maybe with dot segments (§5.2.2)."""
+        cut = _QUERY_OR_FRAGMENT.search(reference)
+        path_end = cut.start() if cut is not None else len(reference)
+        path = reference[:path_end]
+        if not path.startswith("/"):
+            path = self._directory_path + path
+        # The query and fragment are kept as written: dot segments only exist in the path.
+        return self._origin + remove_dot_segments(path) + reference[path_end:]
 
 
 def resolve_uri(base_url: str, reference: str) -> str | None:

@@ -4,10 +4,10 @@ The proxy resolves variables itself and drops the EXT-X-DEFINE lines, because th
 ever sees rewritten playlists: it cannot read the query of the upstream URL (QUERYPARAM) nor
 the upstream multivariant playlist (IMPORT).
 
-This module must never re-scan substituted text (a value that itself reads ``{$x}`` stays
-literal, as the RFC does not nest), never let a value holding CR, LF or a double quote into a
-playlist (it would forge lines or break a quoted-string), and never raise: an undefined or
-malformed definition simply defines nothing, and its references are left as written.
+This module must never re-scan substituted text (one pass: text that a substitution brings in
+stays as it is), never let a value holding CR, LF or a double quote into a playlist (it would
+forge lines or break a quoted-string), and never raise: an undefined or malformed definition
+simply defines nothing, and its references are left as written.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def define_from_line(
     the multivariant playlist that loaded this one, for IMPORT.
     """
     attributes = {
-        a.name: line[a.start : a.end] for a in scan_attribute_list(line, colon + 1) if a.quoted
+        name: line[start:end]
+        for name, start, end, quoted in scan_attribute_list(line, colon + 1)
+        if quoted
     }
     if b"NAME" in attributes:
         value = attributes.get(b"VALUE")

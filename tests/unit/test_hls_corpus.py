@@ -130,7 +130,7 @@ class Oracle:
             name = attributes["QUERYPARAM"]
             found = [
                 v
-                for url in (REQUEST_URL, PLAYLIST_URL)
+                for url in (PLAYLIST_URL, REQUEST_URL)
                 for k, v in parse_qsl(urlsplit(url).query)
                 if k == name
             ]

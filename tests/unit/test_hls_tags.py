@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.hls.attributes import Attribute, scan_attribute_list
+from proxy.hls.attributes import scan_attribute_list
 from proxy.hls.kinds import UriKind
 from proxy.hls.tags import (
     DEFINE_TAG,
@@ -135,7 +135,7 @@ def test_multivariant_tags_are_the_multivariant_section_plus_the_image_stream() 
 
 def values(line: bytes, start: int | None = None) -> list[tuple[bytes, bytes, bool]]:
     start = line.index(b":") + 1 if start is None else start
-    return [(a.name, line[a.start : a.end], a.quoted) for a in scan_attribute_list(line, start)]
+    return [(name, line[s:e], quoted) for name, s, e, quoted in scan_attribute_list(line, start)]
 
 
 def test_scanner_reads_quoted_and_unquoted_values_in_order() -> None:
@@ -156,8 +156,8 @@ def test_scanner_keeps_commas_and_uri_text_inside_quoted_values() -> None:
 def test_scanner_offsets_point_inside_the_quotes() -> None:
     line = b'#X:URI="abc"'
     (attribute,) = scan_attribute_list(line, 3)
-    assert attribute == Attribute(b"URI", 8, 11, True)
-    assert line[attribute.start - 1 : attribute.end + 1] == b'"abc"'
+    assert attribute == (b"URI", 8, 11, True)
+    assert line[attribute[1] - 1 : attribute[2] + 1] == b'"abc"'
 
 
 def test_scanner_tolerates_blanks_and_empty_values() -> None:
@@ -173,7 +173,7 @@ def test_scanner_tolerates_blanks_and_empty_values() -> None:
     [
         (b'#X:A=1,URI="unterminated', [(b"A", b"1", False)]),
         (b'#X:A=1,garbage,URI="x"', [(b"A", b"1", False)]),
-        (b'#X:A="q"junk,B=2', [(b"A", b"q", True)]),
+        (b'#X:A="q"junk,B=2', [(b"A", b"q", True), (b"B", b"2", False)]),
         (b"#X:4.0,title", []),
         (b"#X:", []),
         (b"#X:=1", []),

@@ -140,21 +140,18 @@ def test_without_define_lines_references_are_never_touched() -> None:
 # -- QUERYPARAM ---------------------------------------------------------------------------
 
 
-def test_queryparam_reads_the_requested_url_first() -> None:
+def test_queryparam_reads_the_post_redirect_url_first() -> None:
+    """RFC 8216bis §4.4.2.3: a redirected playlist's parameter comes from the 30x target."""
     body = b'#EXT-X-DEFINE:QUERYPARAM="token"\nseg.ts?token={$token}\n'
     output, info = rewrite(body, request_url=REQUEST_URL)
-    assert output == b"<https://final.example/live/seg.ts?token=from-request>\n"
-    assert info.variables == {"token": "from-request"}
+    assert output == b"<https://final.example/live/seg.ts?token=from-final>\n"
+    assert info.variables == {"token": "from-final"}
 
 
-def test_queryparam_falls_back_to_the_final_url() -> None:
-    body = (
-        b'#EXT-X-DEFINE:QUERYPARAM="only-final"\n'
-        b'#EXT-X-DEFINE:QUERYPARAM="token"\n'
-        b"x-{$only-final}-{$token}.ts\n"
-    )
-    output, _ = rewrite(body)
-    assert output == b"<https://final.example/live/x-f-from-final.ts>\n"
+def test_queryparam_falls_back_to_the_requested_url() -> None:
+    body = b'#EXT-X-DEFINE:QUERYPARAM="only-requested"\nx-{$only-requested}.ts\n'
+    output, _ = rewrite(body, request_url=REQUEST_URL + "&only-requested=r")
+    assert output == b"<https://final.example/live/x-r.ts>\n"
 
 
 def test_queryparam_values_are_percent_decoded_but_plus_stays_plus() -> None:
@@ -214,7 +211,7 @@ def test_imports_of_children_are_the_variables_of_the_multivariant() -> None:
 
     body = b'#EXT-X-DEFINE:QUERYPARAM="token"\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8?t={$token}\n'
     rewrite_playlist(body, FINAL_URL, mapper, request_url=REQUEST_URL)
-    assert seen == [(UriKind.PLAYLIST, {"token": "from-request"})]
+    assert seen == [(UriKind.PLAYLIST, {"token": "from-final"})]
 
 
 # -- the pieces ---------------------------------------------------------------------------
