@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from binascii import b2a_base64
 import hashlib
 import hmac
 import json
@@ -76,6 +77,9 @@ _RESERVED_HEADERS = frozenset(
     }
 )
 _NAME_SAFE_RE = re.compile(r"[^A-Za-z0-9._~-]")
+_NAME_PLAIN_MATCH = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,63}").fullmatch
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FLAG_BYTES = tuple(bytes([flags]) for flags in range(256))
 _MAX_NAME_CHARS = 64
 
 
@@ -139,12 +143,18 @@ def url_base(url: str) -> str:
 
 def display_name(url: str, kind: UriKind) -> str:
     """The cosmetic last path part of a proxied URI, so players and logs see an extension."""
-    end = len(url)
-    for sep in ("?", "#"):
-        pos = url.find(sep)
-        if pos != -1:
-            end = min(end, pos)
+    end = url.find("?")
+    if end == -1:
+        end = url.find("#")
+        if end == -1:
+            end = len(url)
+    else:
+        fragment = url.find("#", 0, end)
+        if fragment != -1:
+            end = fragment
     last = url[url.rfind("/", 0, end) + 1 : end]
+    if _NAME_PLAIN_MATCH(last):
+        return last  # the common case, "seg_00001.ts": nothing to clean
     name = _NAME_SAFE_RE.sub("_", last)[-_MAX_NAME_CHARS:].lstrip(".")
     if not name:
         return f"index.{kind.extension}" if kind is UriKind.PLAYLIST else f"file.{kind.extension}"
@@ -152,7 +162,7 @@ def display_name(url: str, kind: UriKind) -> str:
 
 
 def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def _b64decode(token: str) -> bytes:
@@ -162,6 +172,10 @@ def _b64decode(token: str) -> bytes:
         return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise MalformedToken("malformed token") from None
+
+
+# (ctx token, url, kind) then, for child playlists that import variables, the (name, value) pairs.
+_ChildKey = tuple[object, ...]
 
 
 class TokenCodec:
@@ -189,7 +203,7 @@ class TokenCodec:
         self._ttl = ttl_seconds
         self._bucket = max(1, expiry_bucket_seconds)
         self._max_entries = cache_entries
-        self._child_cache: dict[tuple[str, str, UriKind, tuple[tuple[str, str], ...]], str] = {}
+        self._child_cache: dict[_ChildKey, str] = {}
         self._ctx_cache: dict[str, StreamContext] = {}
         self._ref_sivs: dict[str, AESSIV] = {}
         self._ref_cache: dict[tuple[str, str], StreamRef] = {}
@@ -253,14 +267,33 @@ class TokenCodec:
         kind: UriKind,
         imports: Mapping[str, str] | None = None,
     ) -> str:
-        """``{ref}/{name}`` for ``url`` in the stream ``ctx_token``; memoised."""
-        frozen_imports = tuple(sorted(imports.items())) if imports else ()
-        key = (ctx_token, url, kind, frozen_imports)
-        path = self._child_cache.get(key)
-        if path is None:
-            ref = self.mint_ref(ctx_token, ctx, url, kind, imports)
-            path = f"{ref}/{display_name(url, kind)}"
-            self._remember(self._child_cache, key, path)
+        """``{ref}/{name}`` for ``url`` in the stream ``ctx_token``; memoised.
+
+        This is the rewriter's per-URI cost on a cold playlist, so it avoids every call it can.
+        """
+        key: _ChildKey = (
+            (ctx_token, url, kind)
+            if not imports
+            else (ctx_token, url, kind, *sorted(imports.items()))
+        )
+        cache = self._child_cache
+        path = cache.get(key)
+        if path is not None:
+            return path
+        siv = self._ref_sivs.get(ctx_token) or self._ref_siv(ctx_token)
+        base = ctx.base
+        if not imports and url.startswith(base):
+            # The commonest child, a segment beside its playlist, inlined: no helper calls.
+            plain = _FLAG_BYTES[kind | _REF_SUFFIX] + url[len(base) :].encode(
+                "utf-8", "surrogateescape"
+            )
+        else:
+            plain = self._ref_plaintext(ctx, url, kind, imports)
+        ref = b2a_base64(siv.encrypt(plain, None), newline=False).translate(_TO_URLSAFE)
+        path = ref.rstrip(b"=").decode() + "/" + display_name(url, kind)
+        if len(cache) >= self._max_entries:
+            del cache[next(iter(cache))]
+        cache[key] = path
         return path
 
     def mint_ref(
@@ -272,10 +305,19 @@ class TokenCodec:
         imports: Mapping[str, str] | None = None,
     ) -> str:
         """A ``ref`` token for ``url``, bound to ``ctx_token``."""
+        plain = self._ref_plaintext(ctx, url, kind, imports)
+        return _b64encode(self._ref_siv(ctx_token).encrypt(plain, None))
+
+    @staticmethod
+    def _ref_plaintext(
+        ctx: StreamContext, url: str, kind: UriKind, imports: Mapping[str, str] | None
+    ) -> bytes:
+        # No compression: zlib costs ~15 µs a ref and saves a few bytes of a signed query at best.
         flags = int(kind)
-        if url.startswith(ctx.base):
+        base = ctx.base
+        if url.startswith(base):
             flags |= _REF_SUFFIX
-            payload = url[len(ctx.base) :].encode("utf-8", "surrogateescape")
+            payload = url[len(base) :].encode("utf-8", "surrogateescape")
         else:
             payload = url.encode("utf-8", "surrogateescape")
         if imports:
@@ -283,9 +325,7 @@ class TokenCodec:
             payload += b"\x00" + json.dumps(
                 dict(sorted(imports.items())), separators=(",", ":"), ensure_ascii=False
             ).encode("utf-8", "surrogateescape")
-        # No compression: zlib costs ~15 µs a ref and saves a few bytes of a signed query at best.
-        sealed = self._ref_siv(ctx_token).encrypt(bytes([flags]) + payload, None)
-        return _b64encode(sealed)
+        return _FLAG_BYTES[flags] + payload
 
     def open_ref(self, ctx_token: str, ctx: StreamContext, token: str) -> StreamRef:
         """Decrypt a ``ref`` token minted for ``ctx_token`` (400 malformed, 403 forged)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -114,9 +114,11 @@ class _PlaylistRewriter:
         query_urls: tuple[str, ...],
         imported: Mapping[str, str],
         defines: Variables | None,
+        line_memo: MutableMapping[bytes, bytes] | None = None,
     ) -> None:
         self._base = PlaylistBase(playlist_url)
         self._map_uri = map_uri
+        self._line_memo = line_memo
         self._query_urls = query_urls
         self._imported = imported
         # Substitution only happens when the body has EXT-X-DEFINE lines (`defines` holds all
@@ -161,6 +163,7 @@ class _PlaylistRewriter:
         not_plain = _NOT_PLAIN_FIRST_BYTES
         fast_count = 0
         dropped_at = -1
+        memo = self._line_memo
         for line in lines:
             if not line:
                 append(line)
@@ -170,6 +173,13 @@ class _PlaylistRewriter:
                 # EXTINF is most of a media playlist and never holds a URI or an attribute list.
                 rewritten = line if line.startswith(b"#EXTINF") else tag_line(line, 0)
             elif directory is not None and first > 0x20:
+                if memo is not None and not self._variant_pending:
+                    # A reload of the same playlist: a line seen before is rewritten as before.
+                    rewritten = memo.get(line)
+                    if rewritten is not None:
+                        fast_count += 1
+                        append(rewritten)
+                        continue
                 rewritten = None
                 # A URI line of a playlist without variables, also with the \r of a CRLF
                 # playlist after it: resolved here rather than in uri_line, which is general.
@@ -199,6 +209,8 @@ class _PlaylistRewriter:
                             rewritten = replacement.encode("utf-8", "surrogateescape")
                         if cr:
                             rewritten += b"\r"
+                        if memo is not None:
+                            memo[line] = rewritten
                 if rewritten is None:
                     rewritten = uri_line(line)
             else:
@@ -391,6 +403,7 @@ def rewrite_playlist(
     *,
     request_url: str | None = None,
     imported: Mapping[str, str] | None = None,
+    line_memo: MutableMapping[bytes, bytes] | None = None,
 ) -> tuple[bytes, PlaylistInfo]:
     """Rewrite every URI of an m3u8 body through ``map_uri``; keep every other byte.
 
@@ -398,6 +411,11 @@ def rewrite_playlist(
     where QUERYPARAM looks first. ``request_url`` is the URL originally requested (QUERYPARAM's
     fallback). ``imported`` holds the variables handed down from the parent multivariant
     playlist, for EXT-X-DEFINE:IMPORT.
+
+    ``line_memo``, when given, remembers the rewritten form of plain segment URI lines (no
+    variables, not a variant) so that a reload only resolves and maps the lines it has not seen.
+    It is only valid for one ``playlist_url`` and one deterministic ``map_uri``: the caller keys
+    its memos by both.
     """
     bom = b""
     if body.startswith(_BOM):
@@ -410,7 +428,7 @@ def rewrite_playlist(
     defines: Variables | None = None
     if _DEFINE_PREFIX in body:
         defines = _evaluate_defines(lines, query_urls, imported)
-    rewriter = _PlaylistRewriter(playlist_url, map_uri, query_urls, imported, defines)
+    rewriter = _PlaylistRewriter(playlist_url, map_uri, query_urls, imported, defines, line_memo)
     output = rewriter.rewrite_lines(lines)
     info = PlaylistInfo(
         is_multivariant=rewriter.is_multivariant,

@@ -29,6 +29,8 @@ _LL_HLS_DIRECTIVES = frozenset({"_HLS_msn", "_HLS_part", "_HLS_skip"})
 # Ranges and validators are the only viewer headers that go upstream; cookies and auth never do.
 MEDIA_REQUEST_HEADERS = ("Range", "If-Range")
 _UTF8_BOM = b"\xef\xbb\xbf"
+# Rewritten URI lines remembered over all playlists (~150 bytes each with the dict's share).
+_MAX_MEMO_LINES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,9 @@ class StreamRelay:
         self._codec = codec
         self._settings = settings
         self._relative = settings.server.child_uris == "relative"
+        # Rewritten segment lines per (stream, playlist URL): a live reload maps only new lines.
+        self._line_memos: dict[tuple[str, str], dict[bytes, bytes]] = {}
+        self._memo_lines = 0
         self.minter = StreamMinter(codec, settings)
         self.prefix = self.minter.prefix
 
@@ -211,9 +216,28 @@ class StreamRelay:
             def map_uri(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
                 return root + codec.child_path(ctx_token, ctx, child, kind, child_imports)
 
-        return rewrite_playlist(
-            body, final_url, map_uri, request_url=request_url, imported=imports or None
+        memo_key = (ctx_token, final_url)
+        memo = self._line_memos.pop(memo_key, None)  # re-inserted below: most recent last
+        if memo is None:
+            memo = {}
+        self._line_memos[memo_key] = memo
+        before = len(memo)
+        result = rewrite_playlist(
+            body,
+            final_url,
+            map_uri,
+            request_url=request_url,
+            imported=imports or None,
+            line_memo=memo,
         )
+        if len(memo) > 2 * result[1].uri_count + 64:
+            # A live window slid far past what is remembered: start the memo again.
+            memo.clear()
+        self._memo_lines += len(memo) - before
+        while self._memo_lines > _MAX_MEMO_LINES and len(self._line_memos) > 1:
+            oldest = next(iter(self._line_memos))
+            self._memo_lines -= len(self._line_memos.pop(oldest))
+        return result
 
 
 __all__ = [
