@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from binascii import b2a_base64
 import hashlib
 import hmac
 import json
@@ -35,6 +34,7 @@ import math
 import re
 import time
 import zlib
+from binascii import b2a_base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
