@@ -70,9 +70,7 @@ def remove_dot_segments(path: str) -> str:
     while i < n:
         if path.startswith("../", i):  # rule A
             i += 3
-        elif path.startswith("./", i):  # rule A
-            i += 2
-        elif path.startswith("/./", i):  # rule B: "/./" becomes "/"
+        elif path.startswith("./", i) or path.startswith("/./", i):  # rule A
             i += 2
         elif path.startswith("/.", i) and i + 2 == n:  # rule B: a final "/." becomes "/"
             output.append("/")

@@ -21,6 +21,7 @@ its credentials; errors name the proxy by its configured name only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from python_socks.async_.asyncio.v2 import Proxy
 from yarl import URL
 
 if TYPE_CHECKING:
-    from aiohttp.client_reqrep import ClientRequest
+    from aiohttp.client_reqrep import ClientRequest, ConnectionKey
     from aiohttp.connector import AddrInfoType
 
 # Replies that mean "the proxy works but could not reach the destination": SOCKS5 network/host
@@ -50,11 +51,16 @@ class ProxyFailure(aiohttp.ClientConnectionError):
         self.reason = reason
 
 
-class TunnelRefused(aiohttp.ClientConnectionError):
-    """The proxy works but could not reach the destination. Counts against the upstream host."""
+class TunnelRefused(aiohttp.ClientConnectorError):
+    """The proxy works but could not reach the destination. Counts against the upstream host.
 
-    def __init__(self, proxy: str) -> None:
-        super().__init__(f"outbound proxy {proxy} could not reach the upstream")
+    A connector error, so aiohttp tries the destination's next address (IPv4 after IPv6)."""
+
+    def __init__(self, proxy: str, connection_key: ConnectionKey) -> None:
+        super().__init__(
+            connection_key,
+            OSError(errno.ECONNREFUSED, f"outbound proxy {proxy} could not reach the upstream"),
+        )
         self.proxy = proxy
 
 
@@ -128,9 +134,10 @@ class TunnelConnector(aiohttp.TCPConnector):
             raise ProxyFailure(self._proxy_name, "connect") from None
         except python_socks.ProxyError as exc:
             if exc.error_code in _DESTINATION_REPLIES:
-                raise TunnelRefused(self._proxy_name) from None
-            reason = "auth" if exc.error_code == 407 else "refused"
-            raise ProxyFailure(self._proxy_name, reason) from None
+                raise TunnelRefused(self._proxy_name, req.connection_key) from None
+            # HTTP proxies say 407 (tinyproxy says 401); SOCKS5 has no code for a bad password.
+            auth = exc.error_code in (401, 407) or "authentication" in str(exc).lower()
+            raise ProxyFailure(self._proxy_name, "auth" if auth else "refused") from None
         except OSError:
             raise ProxyFailure(self._proxy_name, "reset") from None
         if dest_ssl is not None:
