@@ -70,7 +70,9 @@ def remove_dot_segments(path: str) -> str:
     while i < n:
         if path.startswith("../", i):  # rule A
             i += 3
-        elif path.startswith("./", i) or path.startswith("/./", i):  # rule A
+        elif path.startswith("./", i):  # noqa: SIM114 - rule A and rule B, kept apart as in the RFC
+            i += 2
+        elif path.startswith("/./", i):  # rule B: "/./" becomes "/"
             i += 2
         elif path.startswith("/.", i) and i + 2 == n:  # rule B: a final "/." becomes "/"
             output.append("/")
@@ -113,6 +115,7 @@ def resolve_reference(base_url: str, reference: str) -> str:
         return _recompose(
             ref.scheme, ref.authority, remove_dot_segments(ref.path), ref.query, ref.fragment
         )
+    authority: str | None
     if ref.authority is not None:
         authority, path, query = ref.authority, remove_dot_segments(ref.path), ref.query
     else:

@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(port: int, *extra_env: tuple[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+async def serve(
+    port: int, *extra_env: tuple[str, str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {
         **os.environ,
         "HLSRELAY_SERVER__PORT": str(port),
@@ -137,7 +139,7 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1
