@@ -99,6 +99,8 @@ class UpstreamResponse:
     """The outbound proxy it came through (its configured name), or "direct"."""
     on_done: Callable[[], None] | None = None
     """Called once when the response is closed or released (ends a least-connections count)."""
+    on_body_failure: Callable[[HlsRelayError], None] | None = None
+    """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
 
     @property
     def status(self) -> int:
@@ -114,18 +116,29 @@ class UpstreamResponse:
 
     async def first_chunk(self) -> bytes:
         """The first bytes of the body as they arrive (b"" at end of body)."""
-        with upstream_errors():
+        with self._body_errors():
             return await self.raw.content.readany()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         content = self.raw.content
         while True:
-            with upstream_errors():
+            with self._body_errors():
                 chunk = await content.readany()
             if not chunk:
                 return
             yield chunk
+
+    @contextlib.contextmanager
+    def _body_errors(self) -> Iterator[None]:
+        try:
+            with upstream_errors():
+                yield
+        except (UpstreamUnreachable, UpstreamTimeout) as exc:
+            if self.on_body_failure is not None:
+                on_failure, self.on_body_failure = self.on_body_failure, None
+                on_failure(exc)
+            raise
 
     async def read_capped(self, cap: int, head: bytes = b"") -> bytes:
         """The whole body (after ``head``, bytes already read), or PlaylistTooLarge past ``cap``."""
@@ -355,6 +368,7 @@ class UpstreamClient:
                 # The proxy delivered an answer: it works, whatever the upstream said.
                 self._pool.success(proxy, time.perf_counter() - started)
                 response.via = proxy.name
+                response.on_body_failure = self._body_failure_of(proxy)
             response.on_done = done
             if response.status in RETRY_STATUSES:
                 self._breakers.failure(host)
@@ -370,6 +384,12 @@ class UpstreamClient:
                 judged = True
             return response, judged
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _body_failure_of(self, proxy: OutboundProxy) -> Callable[[HlsRelayError], None]:
+        def body_failed(error: HlsRelayError) -> None:
+            self._pool.failure(proxy, "timeout" if isinstance(error, UpstreamTimeout) else "reset")
+
+        return body_failed
 
     def _proxy_for(
         self, route: Route, stream_key: str | None, tried: frozenset[str]

@@ -280,6 +280,11 @@ async def test_mid_body_failure_cuts_the_response_never_a_complete_looking_200(
         assert response.headers["Content-Length"] == str(len(big))
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+    labels = {"proxy": client.app[PROXY_POOL].proxies[0].name, "reason": "reset"}
+    deadline = time.monotonic() + 2
+    while sample(client, "hlsrelay_proxy_failures_total", labels) != 1:
+        assert time.monotonic() < deadline, "the cut was not counted against the proxy"
+        await asyncio.sleep(0.02)
 
 
 # -- when every proxy is down ------------------------------------------------------------------

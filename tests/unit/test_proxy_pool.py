@@ -222,3 +222,14 @@ def test_masking_and_repr_hide_credentials() -> None:
     assert mask_proxy_url("socks5://u:p@[::1]:1080") == "socks5://****:****@[::1]:1080"
     conf = ProxiesSettings(urls=["http://u:hunter22@h:1"])  # type: ignore[list-item]
     assert "hunter22" not in repr(conf) and "hunter22" not in str(conf.model_dump())
+
+
+def test_proxies_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "HLSRELAY_PROXIES__URLS",
+        '["socks5://u:hunter22@10.0.0.1:1080", {"name": "b", "url": "http://10.0.0.2:3128"}]',
+    )
+    monkeypatch.setenv("HLSRELAY_PROXIES__STRATEGY", "least_connections")
+    settings = load_settings(write(tmp_path, "[proxies]\nsticky = false\n"))
+    assert [p.name for p in settings.proxies.urls] == ["socks5-10.0.0.1-1080", "b"]
+    assert settings.proxies.strategy == "least_connections" and not settings.proxies.sticky
