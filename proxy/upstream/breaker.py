@@ -51,11 +51,14 @@ class CircuitBreakers:
     def enabled(self) -> bool:
         return self._threshold > 0
 
-    def check(self, host: str) -> None:
-        """Raise ServiceUnavailable while ``host``'s circuit is open; let one trial through."""
+    def check(self, host: str) -> bool:
+        """Raise ServiceUnavailable while ``host``'s circuit is open; let one trial through.
+
+        True when this request is that trial: the caller reports its outcome, or calls
+        :meth:`release_trial` when it has none to report."""
         circuit = self._circuits.get(host)
         if circuit is None or circuit.open_until == 0.0:
-            return
+            return False
         remaining = circuit.open_until - self._clock()
         if remaining > 0 or circuit.trial_running:
             self._metrics.breaker_rejections.inc()
@@ -64,6 +67,7 @@ class CircuitBreakers:
                 retry_after=max(1, math.ceil(remaining)),
             )
         circuit.trial_running = True
+        return True
 
     def success(self, host: str) -> None:
         circuit = self._circuits.pop(host, None)

@@ -303,15 +303,15 @@ class UpstreamClient:
         route = self._router.route(target.raw_host or "")
         send_headers = self.request_headers(headers, decompress, stream_key)
         first_byte = first_byte_timeout or self._settings.first_byte_timeout
-        self._breakers.check(host)
-        judged = False
+        trial = self._breakers.check(host)
         try:
-            response, judged = await self._attempts(
+            return await self._attempts(
                 route, target, host, method, send_headers, first_byte, decompress, kind, stream_key
             )
-            return response
         finally:
-            if not judged:
+            if trial:
+                # Ends a trial that told nothing about the host (a forbidden redirect, a proxy
+                # fault); a no-op once its success or failure was recorded.
                 self._breakers.release_trial(host)
 
     async def _attempts(
@@ -325,20 +325,23 @@ class UpstreamClient:
         decompress: bool,
         kind: str,
         stream_key: str | None,
-    ) -> tuple[UpstreamResponse, bool]:
-        """Try, and retry through the next proxy; returns the response and whether the host's
-        breaker was told how it went."""
+    ) -> UpstreamResponse:
+        """Try, and retry through the next proxy while attempts and the deadline allow."""
         proxies = self._proxies
         loop = asyncio.get_running_loop()
         retrying = route.is_pool and method in RETRY_METHODS
         attempts = proxies.retry_attempts if retrying else 1
         deadline = loop.time() + proxies.retry_deadline if retrying else math.inf
         tried: set[str] = set()
-        judged = False
         for attempt in range(attempts):
             last = attempt == attempts - 1
             proxy = self._proxy_for(route, stream_key, frozenset(tried))
-            session = proxy.session if proxy is not None and proxy.session else self._session
+            if proxy is None:
+                session = self._session
+            elif proxy.session is not None:
+                session = proxy.session
+            else:  # never fall back to direct silently
+                raise ServiceUnavailable(f"outbound proxy {proxy.name} is not open")
             done = self._pool.started(proxy) if proxy is not None else None
             wait = min(first_byte, max(0.001, deadline - loop.time()))
             started = time.perf_counter()
@@ -353,7 +356,6 @@ class UpstreamClient:
                     self._pool.failure(proxy, failed.proxy_reason)
                 if failed.host_fault:
                     self._breakers.failure(host)
-                    judged = True
                 if last or not failed.retryable or not await self._backoff(attempt, deadline):
                     raise failed.error from None
                 if proxy is not None:
@@ -372,7 +374,6 @@ class UpstreamClient:
             response.on_done = done
             if response.status in RETRY_STATUSES:
                 self._breakers.failure(host)
-                judged = True
                 if not last and await self._backoff(attempt, deadline):
                     response.close()
                     if proxy is not None:
@@ -381,8 +382,7 @@ class UpstreamClient:
                     continue
             else:
                 self._breakers.success(host)
-                judged = True
-            return response, judged
+            return response
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _body_failure_of(self, proxy: OutboundProxy) -> Callable[[HlsRelayError], None]:

@@ -131,7 +131,7 @@ def test_breaker_opens_fails_fast_and_recovers() -> None:
     assert caught.value.retry_after == 30
     breakers.check("other:80")  # per host
     clock.now += 30
-    breakers.check("h:80")  # the trial
+    assert breakers.check("h:80")  # the trial
     with pytest.raises(ServiceUnavailable):
         breakers.check("h:80")  # only one trial at a time
     breakers.failure("h:80")  # the trial failed: open again
