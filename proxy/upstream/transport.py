@@ -146,14 +146,14 @@ class TunnelConnector(aiohttp.TCPConnector):
                     stream = await stream.start_tls(
                         hostname=server_hostname or address, ssl_context=dest_ssl
                     )
-            except ssl.SSLCertVerificationError as exc:
-                await stream.close()
-                raise aiohttp.ClientConnectorCertificateError(req.connection_key, exc) from None
-            except (ssl.SSLError, OSError, TimeoutError) as exc:
-                await stream.close()
-                if isinstance(exc, TimeoutError):
-                    raise
-                raise aiohttp.ClientConnectorSSLError(req.connection_key, exc) from None
+            except BaseException as exc:
+                # Never leave the tunnel open, cancelled or not.
+                stream.writer.transport.abort()
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    raise aiohttp.ClientConnectorCertificateError(req.connection_key, exc) from None
+                if isinstance(exc, ssl.SSLError):
+                    raise aiohttp.ClientConnectorSSLError(req.connection_key, exc) from None
+                raise
         writer = stream.writer
         transport = writer.transport
         protocol = _TunnelHandler(self._loop, writer)
