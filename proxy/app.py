@@ -6,11 +6,14 @@ kept under typed ``AppKey``s; it is closed in the same place, in reverse order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from proxy import __version__
 from proxy.metrics import Metrics
@@ -18,10 +21,12 @@ from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.guard import DestinationGuard, GuardedResolver
+from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.relay import StreamRelay
+from proxy.upstream.transport import TunnelConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
 from proxy.web.errors import error_middleware, metrics_middleware
-from proxy.web.keys import CLIENT_SESSION, METRICS, READY, RELAY, SETTINGS
+from proxy.web.keys import CLIENT_SESSION, METRICS, PROXY_POOL, READY, RELAY, SETTINGS
 from proxy.web.routes import setup_routes
 
 log = logging.getLogger("hlsrelay")
@@ -62,24 +67,62 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         ttl_dns_cache=30,
         enable_cleanup_closed=False,
     )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies never leak between streams
-        auto_decompress=True,
-        trust_env=False,
-    )
+    session = _client_session(connector)
+    # One session per outbound proxy, each with a tunnelling connector of its own: its resolver
+    # is guarded (destinations are checked here, before the proxy sees them), while the proxy's
+    # own address, chosen by the operator, is dialled without the guard.
+    proxies = [
+        OutboundProxy(
+            entry.name,
+            session=_client_session(
+                TunnelConnector(
+                    entry.name,
+                    URL(entry.url.get_secret_value()),
+                    resolver=GuardedResolver(guard),
+                    limit=settings.upstream.max_connections,
+                    limit_per_host=settings.upstream.max_connections_per_host,
+                    ttl_dns_cache=30,
+                    enable_cleanup_closed=False,
+                )
+            ),
+        )
+        for entry in settings.proxies.urls
+    ]
+    pool = ProxyPool(proxies, settings.proxies, app[METRICS])
     codec = TokenCodec(
         secret,
         ttl_seconds=settings.security.token_ttl,
         expiry_bucket_seconds=settings.security.token_expiry_bucket,
     )
-    client = UpstreamClient(session, settings.upstream, guard, app[METRICS])
+    client = UpstreamClient(
+        session, settings.upstream, guard, app[METRICS], proxies=settings.proxies, pool=pool
+    )
     app[CLIENT_SESSION] = session
+    app[PROXY_POOL] = pool
     app[RELAY] = StreamRelay(client, codec, settings)
+    probes: asyncio.Task[None] | None = None
+    if proxies and settings.proxies.probe_url is not None:
+        probes = asyncio.create_task(client.run_probes(), name="hlsrelay-proxy-probes")
     app[READY]["ready"] = True
     yield
     app[READY]["ready"] = False
+    if probes is not None:
+        probes.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probes
     await session.close()
+    for proxy in proxies:
+        if proxy.session is not None:
+            await proxy.session.close()
+
+
+def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies never leak between streams
+        auto_decompress=True,
+        trust_env=False,  # never an HTTP(S)_PROXY from the environment: routing is ours
+    )
 
 
 async def _not_ready(app: web.Application) -> None:

@@ -70,6 +70,64 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # Outbound proxies: labelled by the proxy's configured name (bounded, never its URL).
+        self.proxy_requests = Counter(
+            "hlsrelay_proxy_requests_total",
+            "Upstream requests sent through an outbound proxy, by proxy name",
+            ["proxy"],
+            registry=r,
+        )
+        self.proxy_failures = Counter(
+            "hlsrelay_proxy_failures_total",
+            "Upstream requests through a proxy that failed before the headers, by proxy and reason",
+            ["proxy", "reason"],
+            registry=r,
+        )
+        self.proxy_ejections = Counter(
+            "hlsrelay_proxy_ejections_total",
+            "Times a proxy was taken out of the pool after failures in a row",
+            ["proxy"],
+            registry=r,
+        )
+        self.proxy_up = Gauge(
+            "hlsrelay_proxy_up",
+            "1 while a proxy is in the pool, 0 while it is ejected",
+            ["proxy"],
+            registry=r,
+        )
+        self.proxy_latency = Histogram(
+            "hlsrelay_proxy_latency_seconds",
+            "Time from sending a request through a proxy to the upstream's response headers",
+            ["proxy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.proxy_retries = Counter(
+            "hlsrelay_proxy_retries_total",
+            "Upstream requests retried through another proxy after a failure before any byte",
+            registry=r,
+        )
+        self.proxy_fallbacks = Counter(
+            "hlsrelay_proxy_pool_exhausted_total",
+            "Requests that found no proxy available, by what happened (direct or fail)",
+            ["outcome"],
+            registry=r,
+        )
+        self.breakers_open = Gauge(
+            "hlsrelay_upstream_breakers_open",
+            "Upstream hosts whose circuit breaker is open (failing fast)",
+            registry=r,
+        )
+        self.breaker_trips = Counter(
+            "hlsrelay_upstream_breaker_trips_total",
+            "Times an upstream host's circuit breaker opened",
+            registry=r,
+        )
+        self.breaker_rejections = Counter(
+            "hlsrelay_upstream_breaker_rejections_total",
+            "Upstream requests refused at once because the host's circuit was open",
+            registry=r,
+        )
         self.playlists_rewritten = Counter(
             "hlsrelay_playlists_rewritten_total", "Playlists rewritten", registry=r
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import tomllib
 from pathlib import Path
@@ -23,8 +24,10 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from yarl import URL
 
 DEFAULT_CONFIG_PATH = Path("config/hlsrelay.toml")
 CONFIG_ENV = "HLSRELAY_CONFIG"
@@ -118,6 +121,132 @@ class UpstreamSettings(_Section):
         return value
 
 
+PROXY_SCHEMES = ("http", "https", "socks4", "socks5")
+_PROXY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+
+
+def mask_proxy_url(url: str) -> str:
+    """``url`` with any user name and password replaced by ``****`` (for output and errors)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "<invalid URL>"
+    if parsed.raw_user is None and parsed.raw_password is None:
+        return str(parsed)
+    host = parsed.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parsed.explicit_port}" if parsed.explicit_port is not None else ""
+    return f"{parsed.scheme}://****:****@{host}{port}"
+
+
+class OutboundProxySettings(_Section):
+    """One outbound proxy: a short name (logs, metrics) and its URL (credentials stay secret)."""
+
+    # A validation error must not echo the URL: it may carry a password.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    name: str
+    url: SecretStr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"url": value}
+        if isinstance(value, dict) and "url" in value:
+            raw = value["url"]
+            text = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
+            # Error messages must never echo the URL: it may hold a password.
+            try:
+                parsed = URL(text)
+            except ValueError:
+                raise ValueError("url: not a valid URL") from None
+            if parsed.scheme not in PROXY_SCHEMES:
+                raise ValueError(f"url: scheme must be one of {', '.join(PROXY_SCHEMES)}")
+            if not parsed.raw_host or parsed.explicit_port is None:
+                raise ValueError("url: needs a host and an explicit port")
+            if parsed.raw_path not in ("", "/") or parsed.raw_query_string:
+                raise ValueError("url: must not have a path or query")
+            if "name" not in value:
+                # Derived from what is not secret: scheme, host, port.
+                host = re.sub(r"[^A-Za-z0-9_.-]", "-", parsed.raw_host.strip("[]"))
+                value = {**value, "name": f"{parsed.scheme}-{host}-{parsed.explicit_port}"[:40]}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _PROXY_NAME.match(value) or value in ("pool", "direct"):
+            raise ValueError("must be 1-40 of A-Z a-z 0-9 _ . - and not 'pool' or 'direct'")
+        return value
+
+    @property
+    def masked_url(self) -> str:
+        return mask_proxy_url(self.url.get_secret_value())
+
+
+class ProxyRule(_Section):
+    """Route upstream hosts matching ``match`` (shell pattern, case-insensitive) ``via`` a
+    proxy name, the whole ``pool``, or ``direct``."""
+
+    match: str = Field(min_length=1)
+    via: str = "pool"
+
+
+class ProxiesSettings(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    urls: tuple[OutboundProxySettings, ...] = ()
+    """Outbound proxies; empty: every upstream request goes direct."""
+    strategy: Literal["round_robin", "random", "least_connections"] = "round_robin"
+    sticky: bool = True
+    """Every request of one stream goes through the same proxy while it is healthy."""
+    rules: tuple[ProxyRule, ...] = ()
+    """First matching rule wins; hosts no rule matches go through the pool."""
+    failure_threshold: int = Field(3, ge=1, le=100)
+    """Failures in a row (connect error, reset, timeout, 407) that eject a proxy."""
+    cooldown: float = Field(30.0, gt=0)
+    """Seconds an ejected proxy stays out; doubles on each ejection in a row."""
+    max_cooldown: float = Field(600.0, gt=0)
+    """Upper bound, in seconds, of the growing cooldown."""
+    probe_url: AnyHttpUrl | None = None
+    """Fetched through an ejected proxy once its cooldown is over: it returns when this works.
+    Unset: the proxy returns after its cooldown on trial (one more failure ejects it again)."""
+    probe_interval: float = Field(5.0, gt=0)
+    """Seconds between two probe rounds."""
+    probe_timeout: float = Field(5.0, gt=0)
+    when_all_down: Literal["fail", "direct"] = "fail"
+    """No proxy available: "fail" answers 503 with Retry-After, "direct" goes without a proxy."""
+    retry_attempts: int = Field(3, ge=1, le=10)
+    """Attempts (the first included) of a GET that fails before any byte reached the viewer."""
+    retry_deadline: float = Field(20.0, gt=0)
+    """Seconds all attempts of one request may take together."""
+    retry_backoff: float = Field(0.05, ge=0)
+    """Base of the jittered exponential backoff between attempts, in seconds."""
+    breaker_failure_threshold: int = Field(10, ge=0)
+    """Failures in a row that open the circuit of one upstream host; 0 = no breaker."""
+    breaker_cooldown: float = Field(30.0, gt=0)
+    """Seconds an open circuit fails fast before one trial request is let through."""
+    user_agents: tuple[str, ...] = ()
+    """User-Agents to rotate, one chosen per stream (sticky) unless the stream sets its own."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProxiesSettings:
+        names = [p.name for p in self.urls]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"urls: duplicate proxy name {duplicates[0]!r}")
+        for rule in self.rules:
+            if rule.via not in ("pool", "direct", *names):
+                raise ValueError(f"rules: via {rule.via!r} is not 'pool', 'direct' or a proxy name")
+            if rule.via == "pool" and not names:
+                raise ValueError("rules: via 'pool' but no proxy urls are configured")
+        if self.max_cooldown < self.cooldown:
+            raise ValueError("max_cooldown: must not be below cooldown")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -127,11 +256,13 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         case_sensitive=False,
+        hide_input_in_errors=True,
     )
 
     server: ServerSettings = ServerSettings()
     security: SecuritySettings = SecuritySettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    proxies: ProxiesSettings = ProxiesSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -234,4 +365,5 @@ def masked(settings: Settings) -> dict[str, Any]:
     security = data["security"]
     security["secret"] = "********" if settings.security.secret is not None else None
     security["api_keys"] = ["********" for _ in settings.security.api_keys]
+    data["proxies"]["urls"] = [{"name": p.name, "url": p.masked_url} for p in settings.proxies.urls]
     return data

@@ -5,6 +5,8 @@
 set -euo pipefail
 declare -A wanted=(
   [ffmpeg]=ffmpeg
+  [tinyproxy]=tinyproxy
+  [microsocks]=microsocks
 )
 missing=()
 for bin in "${!wanted[@]}"; do

@@ -9,7 +9,17 @@ Every upstream request goes through :meth:`UpstreamClient.open`, which
 * bounds every wait: ``connect_timeout`` to connect, ``first_byte_timeout`` (or
   ``blocking_reload_timeout`` for LL-HLS blocking reloads) to the response headers,
   ``read_timeout`` between two body chunks;
-* maps aiohttp's errors to the project's own (:func:`upstream_errors`), around body reads too.
+* maps aiohttp's errors to the project's own (:func:`upstream_errors`), around body reads too;
+* chooses the way out (:mod:`proxy.upstream.routing`): direct, one named proxy, or the pool
+  (:mod:`proxy.upstream.proxies`), sticky per stream when a ``stream_key`` is given;
+* retries a GET or HEAD that failed before any byte went to the viewer (connect error, reset or
+  timeout before the headers, 502/503/504) through the next proxy of the pool, with jittered
+  exponential backoff, at most ``proxies.retry_attempts`` attempts within ``retry_deadline``;
+* fails fast while the upstream host's circuit is open (:mod:`proxy.upstream.breaker`).
+
+The SSRF check holds on every route: IP literals are checked here on every hop, names are
+resolved and checked by each session's own ``GuardedResolver`` before a socket (or a proxy
+tunnel, :mod:`proxy.upstream.transport`) is opened to the address.
 
 The response it returns is open: the caller streams or reads it and must close it
 (``async with``). A caller that stops early closes it, which drops the connection at once instead
@@ -20,8 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import math
+import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -32,14 +45,22 @@ from yarl import URL
 from proxy.errors import (
     HlsRelayError,
     PlaylistTooLarge,
+    ServiceUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.metrics import Metrics
-from proxy.settings import UpstreamSettings
+from proxy.settings import ProxiesSettings, UpstreamSettings
+from proxy.upstream.breaker import CircuitBreakers
 from proxy.upstream.guard import DestinationGuard
+from proxy.upstream.proxies import OutboundProxy, ProxyPool
+from proxy.upstream.routing import Route, Router
+from proxy.upstream.transport import ProxyFailure, TunnelRefused
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Answers that another attempt (through another proxy) may well turn into a success.
+RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_METHODS = frozenset({"GET", "HEAD"})
 
 
 @contextlib.contextmanager
@@ -72,6 +93,12 @@ class UpstreamResponse:
     final_url: str
     decoded: bool = False
     """The body is decompressed: upstream length, encoding and range headers no longer apply."""
+    via: str = "direct"
+    """The outbound proxy it came through (its configured name), or "direct"."""
+    on_done: Callable[[], None] | None = None
+    """Called once when the response is closed or released (ends a least-connections count)."""
+    on_body_failure: Callable[[HlsRelayError], None] | None = None
+    """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
 
     @property
     def status(self) -> int:
@@ -87,18 +114,29 @@ class UpstreamResponse:
 
     async def first_chunk(self) -> bytes:
         """The first bytes of the body as they arrive (b"" at end of body)."""
-        with upstream_errors():
+        with self._body_errors():
             return await self.raw.content.readany()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         content = self.raw.content
         while True:
-            with upstream_errors():
+            with self._body_errors():
                 chunk = await content.readany()
             if not chunk:
                 return
             yield chunk
+
+    @contextlib.contextmanager
+    def _body_errors(self) -> Iterator[None]:
+        try:
+            with upstream_errors():
+                yield
+        except (UpstreamUnreachable, UpstreamTimeout) as exc:
+            if self.on_body_failure is not None:
+                on_failure, self.on_body_failure = self.on_body_failure, None
+                on_failure(exc)
+            raise
 
     async def read_capped(self, cap: int, head: bytes = b"") -> bytes:
         """The whole body (after ``head``, bytes already read), or PlaylistTooLarge past ``cap``."""
@@ -119,10 +157,17 @@ class UpstreamResponse:
     def close(self) -> None:
         """Drop the connection (the body was not read to the end)."""
         self.raw.close()
+        self._done()
 
     def release(self) -> None:
         """Hand the connection back to the pool (the body was read to the end)."""
         self.raw.release()
+        self._done()
+
+    def _done(self) -> None:
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -139,6 +184,24 @@ class UpstreamResponse:
             self.close()
 
 
+class _AttemptFailed(Exception):
+    """One attempt failed before the headers; what it says about the proxy and the host."""
+
+    def __init__(
+        self,
+        error: HlsRelayError,
+        *,
+        proxy_reason: str | None,
+        host_fault: bool,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.proxy_reason = proxy_reason
+        self.host_fault = host_fault
+        self.retryable = retryable
+
+
 class UpstreamClient:
     """Opens upstream responses under the configured policy."""
 
@@ -148,11 +211,28 @@ class UpstreamClient:
         settings: UpstreamSettings,
         guard: DestinationGuard,
         metrics: Metrics | None = None,
+        *,
+        proxies: ProxiesSettings | None = None,
+        pool: ProxyPool | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._session = session
         self._settings = settings
         self._guard = guard
         self._metrics = metrics if metrics is not None else Metrics()
+        self._proxies = proxies if proxies is not None else ProxiesSettings()
+        self._pool = pool if pool is not None else ProxyPool((), self._proxies, self._metrics)
+        self._router = Router(self._proxies)
+        self._breakers = CircuitBreakers(
+            self._proxies.breaker_failure_threshold,
+            self._proxies.breaker_cooldown,
+            self._metrics,
+        )
+        self._rng = rng or random.Random()  # jitter, not security
+
+    @property
+    def pool(self) -> ProxyPool:
+        return self._pool
 
     def count_error(self, code: str) -> None:
         """Count an upstream failure found after the headers (status, size, body)."""
@@ -167,18 +247,43 @@ class UpstreamClient:
         first_byte_timeout: float | None = None,
         decompress: bool = True,
         kind: str = "media",
+        stream_key: str | None = None,
     ) -> UpstreamResponse:
         """Send ``method`` to ``url`` with exactly ``headers`` and follow redirects.
 
         Returns the first non-redirect response with its headers read and its body unread.
         ``kind`` labels the metrics (a resource kind, never anything from the URL).
+        ``stream_key`` (the stream's ctx token, or a live channel id) keeps a stream on one
+        proxy and one rotated User-Agent; it is never logged.
         """
-        metrics = self._metrics
         try:
-            return await self._open(url, headers, method, first_byte_timeout, decompress, kind)
+            return await self._open(
+                url, headers, method, first_byte_timeout, decompress, kind, stream_key
+            )
         except HlsRelayError as exc:
-            metrics.upstream_errors.labels(exc.code).inc()
+            self._metrics.upstream_errors.labels(exc.code).inc()
             raise
+
+    def request_headers(
+        self, headers: Mapping[str, str], decompress: bool, stream_key: str | None
+    ) -> dict[str, str]:
+        send_headers = dict(headers)
+        if not any(name.lower() == "user-agent" for name in send_headers):
+            send_headers["User-Agent"] = self._user_agent(stream_key)
+        if not decompress:
+            # Media is relayed byte for byte: ask for it as stored, so lengths and ranges hold.
+            send_headers["Accept-Encoding"] = "identity"
+        return send_headers
+
+    def _user_agent(self, stream_key: str | None) -> str:
+        agents = self._proxies.user_agents
+        if not agents:
+            return self._settings.user_agent
+        if stream_key is None:
+            return self._rng.choice(agents)
+        # Stable per stream (and across instances): a stream keeps one browser identity.
+        digest = hashlib.blake2b(stream_key.encode(), digest_size=8).digest()
+        return agents[int.from_bytes(digest, "big") % len(agents)]
 
     async def _open(
         self,
@@ -188,28 +293,159 @@ class UpstreamClient:
         first_byte_timeout: float | None,
         decompress: bool,
         kind: str,
+        stream_key: str | None,
     ) -> UpstreamResponse:
+        target = URL(url, encoded=True)
+        self._guard.check_url(target)
+        host = f"{target.raw_host}:{target.port}"
+        route = self._router.route(target.raw_host or "")
+        send_headers = self.request_headers(headers, decompress, stream_key)
+        first_byte = first_byte_timeout or self._settings.first_byte_timeout
+        trial = self._breakers.check(host)
+        try:
+            return await self._attempts(
+                route, target, host, method, send_headers, first_byte, decompress, kind, stream_key
+            )
+        finally:
+            if trial:
+                # Ends a trial that told nothing about the host (a forbidden redirect, a proxy
+                # fault); a no-op once its success or failure was recorded.
+                self._breakers.release_trial(host)
+
+    async def _attempts(
+        self,
+        route: Route,
+        target: URL,
+        host: str,
+        method: str,
+        headers: Mapping[str, str],
+        first_byte: float,
+        decompress: bool,
+        kind: str,
+        stream_key: str | None,
+    ) -> UpstreamResponse:
+        """Try, and retry through the next proxy while attempts and the deadline allow."""
+        proxies = self._proxies
+        loop = asyncio.get_running_loop()
+        retrying = route.is_pool and method in RETRY_METHODS
+        attempts = proxies.retry_attempts if retrying else 1
+        deadline = loop.time() + proxies.retry_deadline if retrying else math.inf
+        tried: set[str] = set()
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            proxy = self._proxy_for(route, stream_key, frozenset(tried))
+            if proxy is None:
+                session = self._session
+            elif proxy.session is not None:
+                session = proxy.session
+            else:  # never fall back to direct silently
+                raise ServiceUnavailable(f"outbound proxy {proxy.name} is not open")
+            done = self._pool.started(proxy) if proxy is not None else None
+            wait = min(first_byte, max(0.001, deadline - loop.time()))
+            started = time.perf_counter()
+            try:
+                response = await self._attempt(
+                    session, target, method, headers, wait, decompress, kind
+                )
+            except _AttemptFailed as failed:
+                if done is not None:
+                    done()
+                if proxy is not None and failed.proxy_reason is not None:
+                    self._pool.failure(proxy, failed.proxy_reason)
+                if failed.host_fault:
+                    self._breakers.failure(host)
+                if last or not failed.retryable or not await self._backoff(attempt, deadline):
+                    raise failed.error from None
+                if proxy is not None:
+                    tried.add(proxy.name)
+                self._metrics.proxy_retries.inc()
+                continue
+            except BaseException:
+                if done is not None:
+                    done()
+                raise
+            if proxy is not None:
+                # The proxy delivered an answer: it works, whatever the upstream said.
+                self._pool.success(proxy, time.perf_counter() - started)
+                response.via = proxy.name
+                response.on_body_failure = self._body_failure_of(proxy)
+            response.on_done = done
+            if response.status in RETRY_STATUSES:
+                self._breakers.failure(host)
+                if not last and await self._backoff(attempt, deadline):
+                    response.close()
+                    if proxy is not None:
+                        tried.add(proxy.name)
+                    self._metrics.proxy_retries.inc()
+                    continue
+            else:
+                self._breakers.success(host)
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _body_failure_of(self, proxy: OutboundProxy) -> Callable[[HlsRelayError], None]:
+        def body_failed(error: HlsRelayError) -> None:
+            self._pool.failure(proxy, "timeout" if isinstance(error, UpstreamTimeout) else "reset")
+
+        return body_failed
+
+    def _proxy_for(
+        self, route: Route, stream_key: str | None, tried: frozenset[str]
+    ) -> OutboundProxy | None:
+        """The proxy for the next attempt; None to go direct. Raises 503 when none is left."""
+        if route.is_direct:
+            return None
+        pool = self._pool
+        if route.is_pool:
+            proxy = pool.choose(stream_key, tried)
+            if proxy is None and tried:
+                # Every proxy was tried once in this request: go round again.
+                proxy = pool.choose(stream_key)
+        else:
+            named = pool.get(route.via)
+            proxy = named if named is not None and pool.available(named) else None
+        if proxy is not None:
+            return proxy
+        if self._proxies.when_all_down == "direct":
+            self._metrics.proxy_fallbacks.labels("direct").inc()
+            return None
+        self._metrics.proxy_fallbacks.labels("fail").inc()
+        raise ServiceUnavailable("no outbound proxy is available", retry_after=pool.retry_after())
+
+    async def _backoff(self, attempt: int, deadline: float) -> bool:
+        """Sleep a jittered exponential delay before the next attempt; False past the deadline."""
+        loop = asyncio.get_running_loop()
+        delay = self._rng.uniform(0, self._proxies.retry_backoff * 2**attempt)
+        if loop.time() + delay >= deadline:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        target: URL,
+        method: str,
+        send_headers: Mapping[str, str],
+        first_byte: float,
+        decompress: bool,
+        kind: str,
+    ) -> UpstreamResponse:
+        """One attempt through one session, redirects included (each hop checked again)."""
         metrics = self._metrics
         settings = self._settings
-        first_byte = first_byte_timeout or settings.first_byte_timeout
         timeout = aiohttp.ClientTimeout(
             sock_connect=settings.connect_timeout,
             # The socket-read timer also runs while waiting for headers; first_byte bounds that.
             sock_read=max(settings.read_timeout, first_byte),
         )
-        send_headers = dict(headers)
-        send_headers.setdefault("User-Agent", settings.user_agent)
-        if not decompress:
-            # Media is relayed byte for byte: ask for it as stored, so lengths and ranges hold.
-            send_headers["Accept-Encoding"] = "identity"
-        target = URL(url, encoded=True)
         for _hop in range(settings.max_redirects + 1):
             self._guard.check_url(target)
             metrics.upstream_requests.labels(kind).inc()
             started = time.perf_counter()
-            with upstream_errors():
+            with _attempt_errors():
                 async with asyncio.timeout(first_byte):
-                    raw = await self._session.request(
+                    raw = await session.request(
                         method,
                         target,
                         headers=send_headers,
@@ -233,3 +469,65 @@ class UpstreamClient:
             if raw.status == 303:
                 method = "GET"
         raise UpstreamUnreachable(f"more than {settings.max_redirects} upstream redirects")
+
+    async def probe(self, proxy: OutboundProxy) -> bool:
+        """Whether ``probe_url`` answers (below 400) through ``proxy``; never raises."""
+        probe_url = self._proxies.probe_url
+        if probe_url is None or proxy.session is None:
+            return False
+        target = URL(str(probe_url), encoded=True)
+        timeout = aiohttp.ClientTimeout(
+            total=self._proxies.probe_timeout, sock_connect=self._settings.connect_timeout
+        )
+        try:
+            self._guard.check_url(target)
+            async with proxy.session.get(
+                target,
+                headers={"User-Agent": self._settings.user_agent},
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                return response.status < 400
+        except (HlsRelayError, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    async def run_probes(self) -> None:
+        """Probe ejected proxies every ``probe_interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self._proxies.probe_interval)
+            await self._pool.probe_round(self.probe)
+
+
+@contextlib.contextmanager
+def _attempt_errors() -> Iterator[None]:
+    """Map a failure before the headers to an :class:`_AttemptFailed` that says whose it was."""
+    try:
+        with upstream_errors():
+            try:
+                yield
+            except ProxyFailure as exc:
+                raise _AttemptFailed(
+                    UpstreamUnreachable(f"outbound proxy {exc.proxy} failed ({exc.reason})"),
+                    proxy_reason=exc.reason,
+                    host_fault=False,
+                ) from None
+            except TunnelRefused as exc:
+                raise _AttemptFailed(
+                    UpstreamUnreachable(f"upstream unreachable through outbound proxy {exc.proxy}"),
+                    proxy_reason=None,
+                    host_fault=True,
+                ) from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # a connect error: mapped below
+                raise _AttemptFailed(
+                    UpstreamUnreachable("upstream closed the connection before the headers"),
+                    proxy_reason="reset",
+                    host_fault=True,
+                ) from None
+    except _AttemptFailed:
+        raise
+    except UpstreamTimeout as exc:
+        raise _AttemptFailed(exc, proxy_reason="timeout", host_fault=True) from None
+    except UpstreamUnreachable as exc:
+        raise _AttemptFailed(exc, proxy_reason=None, host_fault=True) from None

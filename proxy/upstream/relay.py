@@ -149,11 +149,17 @@ class StreamRelay:
                 first_byte_timeout=(
                     self._settings.upstream.blocking_reload_timeout if blocking else None
                 ),
+                stream_key=ctx_token,
             )
         else:
             url = ref.url
             response = await self._client.open(
-                url, headers, method=method, decompress=False, kind=ref.kind.name.lower()
+                url,
+                headers,
+                method=method,
+                decompress=False,
+                kind=ref.kind.name.lower(),
+                stream_key=ctx_token,
             )
         try:
             return await self._classify(ctx_token, ctx, ref, url, response, method)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.upstream.proxies import ProxyPool
 from proxy.upstream.relay import StreamRelay
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -14,3 +15,4 @@ METRICS = web.AppKey("metrics", Metrics)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 RELAY = web.AppKey("relay", StreamRelay)
 READY = web.AppKey("ready", dict[str, bool])
+PROXY_POOL = web.AppKey("proxy_pool", ProxyPool)
