@@ -17,8 +17,8 @@ from aiohttp.abc import AbstractAccessLogger
 def _describe(request: web.BaseRequest) -> tuple[str, str]:
     if not isinstance(request, web.Request):
         return "unmatched", "-"
-    info = request.match_info
-    route = info.route.name if info and info.route.name else "unmatched"
+    info = request.match_info  # a dict of path parameters: empty (falsy) for /healthz
+    route = info.route.name if info is not None and info.route.name else "unmatched"
     if route == "stream":
         return route, f"/s/…/{info.get('name', '')}"
     return route, request.path if route != "unmatched" else "-"
@@ -39,7 +39,7 @@ class AccessLogger(AbstractAccessLogger):
                         "route": route,
                         "path": path,
                         "status": response.status,
-                        "bytes": response.body_length,
+                        "bytes": response.body_length,  # headers included, as aiohttp counts
                         "duration_ms": round(time * 1000, 2),
                     },
                     separators=(",", ":"),
