@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import __version__
+from proxy.cache.layer import CacheLayer
 from proxy.metrics import Metrics
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
@@ -74,11 +75,14 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         expiry_bucket_seconds=settings.security.token_expiry_bucket,
     )
     client = UpstreamClient(session, settings.upstream, guard, app[METRICS])
+    cache = CacheLayer.open(settings.cache, app[METRICS])
     app[CLIENT_SESSION] = session
-    app[RELAY] = StreamRelay(client, codec, settings)
+    app[RELAY] = StreamRelay(client, codec, settings, cache)
     app[READY]["ready"] = True
     yield
     app[READY]["ready"] = False
+    # Fills and prefetches first: they use the session.
+    await cache.close()
     await session.close()
 
 
