@@ -56,7 +56,9 @@ def live_playlist(target: int = 4, first: int = 100, count: int = 3, part: bool 
     return "\n".join(lines) + "\n"
 
 
-def slow_media(origin: Origin, path: str, data: bytes, delay: float, chunk: int = 64 * 1024) -> None:
+def slow_media(
+    origin: Origin, path: str, data: bytes, delay: float, chunk: int = 64 * 1024
+) -> None:
     """A segment whose headers come after ``delay`` s, then its body in chunks as it is made."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -182,9 +184,7 @@ async def test_truncated_upstream_body_aborts_every_follower_and_is_not_stored(
         return "whole"
 
     async with aiohttp.ClientSession() as session:
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(viewer(session) for _ in range(8))), 10
-        )
+        outcomes = await asyncio.wait_for(asyncio.gather(*(viewer(session) for _ in range(8))), 10)
     assert outcomes == ["cut"] * 8
     assert len(origin.requests_to("/live/seg3.ts")) == 1
     # Nothing was stored: the next viewer makes a new upstream request, and gets the whole body.
@@ -315,9 +315,7 @@ async def test_ll_hls_directives_are_part_of_the_key(proxy: Client, origin: Orig
 
 async def test_playlist_classes_get_their_cache_control(proxy: Client, origin: Origin) -> None:
     origin.playlist("/vod/index.m3u8", live_playlist(target=6) + "#EXT-X-ENDLIST\n")
-    origin.playlist(
-        "/master.m3u8", "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1000\nlive/index.m3u8\n"
-    )
+    origin.playlist("/master.m3u8", "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1000\nlive/index.m3u8\n")
     vod = await proxy.get(mint(proxy, f"{origin.url}/vod/index.m3u8"))
     assert vod.headers["Cache-Control"] == "public, max-age=86400"
     master = await proxy.get(mint(proxy, f"{origin.url}/master.m3u8"))
@@ -354,7 +352,9 @@ async def test_gzip_for_viewers_that_accept_it(proxy: Client, origin: Origin) ->
     plain_body = await plain.read()
     assert "Content-Encoding" not in plain.headers
     assert plain.headers["Vary"] == "Accept-Encoding"
-    zipped = await proxy.get(path, headers={"Accept-Encoding": "gzip, deflate"}, auto_decompress=False)
+    zipped = await proxy.get(
+        path, headers={"Accept-Encoding": "gzip, deflate"}, auto_decompress=False
+    )
     raw = await zipped.read()
     assert zipped.headers["Content-Encoding"] == "gzip"
     assert zipped.headers["Vary"] == "Accept-Encoding"
@@ -404,7 +404,9 @@ async def test_upstream_404_is_not_hidden_by_a_stale_playlist(
 
 async def test_header_profiles_never_share_cached_content(proxy: Client, origin: Origin) -> None:
     async def by_referer(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=request.headers.get("Referer", "").encode(), content_type="video/mp2t")
+        return web.Response(
+            body=request.headers.get("Referer", "").encode(), content_type="video/mp2t"
+        )
 
     async def playlist(request: web.Request) -> web.StreamResponse:
         return web.Response(
