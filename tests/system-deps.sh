@@ -5,6 +5,9 @@
 set -euo pipefail
 declare -A wanted=(
   [ffmpeg]=ffmpeg
+  [redis-server]=redis-server
+  [nginx]=nginx
+  [wrk]=wrk
 )
 missing=()
 for bin in "${!wanted[@]}"; do
