@@ -202,24 +202,72 @@ class SharedBodies:
         return body.reader() if body is not None else None
 
     def start(self, key: str, opener: Opener, on_complete: OnComplete | None = None) -> SharedBody:
-        """Start fetching ``key`` (there must be no flight for it); read it with ``reader()``."""
+        """Start fetching ``key`` in the background (there must be no flight for it)."""
         body = SharedBody(self._window)
         self._bodies[key] = body
-        self._tasks.spawn(self._pump(key, body, opener, on_complete), name="shared-body")
+        self._tasks.spawn(self._open_and_pump(key, body, opener, on_complete), name="shared-body")
         return body
+
+    async def open(
+        self, key: str, opener: Opener, on_complete: OnComplete | None = None
+    ) -> BodyReader:
+        """Start fetching ``key`` for a viewer, and return that viewer's reader.
+
+        The upstream request is made in the caller's own task, up to the response headers, and
+        only the body is pumped by a background task. A task spawned here would run only after
+        every request already queued in this loop turn (a crowd of hundreds arriving at once),
+        delaying the one upstream request they all wait for.
+        """
+        body = SharedBody(self._window)
+        self._bodies[key] = body
+        reader = body.reader()
+        try:
+            source = await opener()
+        except HlsRelayError as exc:
+            reader.close()
+            body._fail(exc)
+            self._forget(key, body)
+            raise
+        except BaseException:
+            # This viewer left (or a bug) while the upstream was being asked; the others joined
+            # for this body still want it, so a background task asks again.
+            reader.close()
+            if body.readers:
+                self._tasks.spawn(
+                    self._open_and_pump(key, body, opener, on_complete), name="shared-body"
+                )
+            else:
+                body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
+                self._forget(key, body)
+            raise
+        self._tasks.spawn(self._pump(key, body, source, on_complete), name="shared-body")
+        return reader
 
     def _forget(self, key: str, body: SharedBody) -> None:
         if self._bodies.get(key) is body:
             del self._bodies[key]
 
-    async def _pump(
+    async def _open_and_pump(
         self, key: str, body: SharedBody, opener: Opener, on_complete: OnComplete | None
     ) -> None:
-        source: BodySource | None = None
-        complete = False
         try:
             source = await opener()
-            body._set_head(source.head)
+        except HlsRelayError as exc:
+            body._fail(exc)
+            self._forget(key, body)
+            return
+        except BaseException:
+            body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
+            self._forget(key, body)
+            raise
+        await self._pump(key, body, source, on_complete)
+
+    async def _pump(
+        self, key: str, body: SharedBody, source: BodySource, on_complete: OnComplete | None
+    ) -> None:
+        complete = False
+        body._set_head(source.head)
+        try:
             async for chunk in source.chunks():
                 body._append(chunk)
                 if not body.spilled and body.size > self._limit:
@@ -237,19 +285,17 @@ class SharedBodies:
             body._fail(UpstreamUnreachable("upstream fetch was cancelled"))
             raise
         finally:
-            if source is not None:
-                if complete:
-                    source.finish()
-                else:
-                    source.abort()
-            if not complete and body.error is None:
-                body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
+            if complete:
+                source.finish()
+            else:
+                source.abort()
+                if body.error is None:
+                    body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
             if complete:
                 body._finish()
                 if on_complete is not None and not body.spilled:
                     # The flight stays findable until the entry is stored: no gap between them.
-                    head = await body.head()
-                    await on_complete(head, body.body())
+                    await on_complete(source.head, body.body())
             self._forget(key, body)
 
 

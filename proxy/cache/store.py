@@ -17,6 +17,7 @@ readable in a key. A store failure (Redis down or slow) is a miss, never an erro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ _META_LEN = struct.Struct(">I")
 _STORE_ERRORS = (RedisError, OSError, TimeoutError, ValueError)
 
 
+@functools.lru_cache(maxsize=8192)  # the same few live keys are asked for again and again
 def cache_key(namespace: str, *parts: str) -> str:
     """A store key for ``parts`` (token, URL, directives...): a hash, nothing readable."""
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:40]
@@ -152,7 +154,8 @@ class LruMemoryCache(BaseCache):  # type: ignore[misc]
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _live(self, key: str) -> Any:
+    def lookup(self, key: str) -> Any:
+        """The live value under ``key`` (marked as just used), or None; never waits."""
         item = self._entries.get(key)
         if item is None:
             return None
@@ -171,15 +174,15 @@ class LruMemoryCache(BaseCache):  # type: ignore[misc]
         return True
 
     async def _get(self, key: str, encoding: str | None = "utf-8", _conn: Any = None) -> Any:
-        return self._live(key)
+        return self.lookup(key)
 
     async def _gets(self, key: str, encoding: str | None = "utf-8", _conn: Any = None) -> Any:
-        return self._live(key)
+        return self.lookup(key)
 
     async def _multi_get(
         self, keys: list[str], encoding: str | None = "utf-8", _conn: Any = None
     ) -> list[Any]:
-        return [self._live(key) for key in keys]
+        return [self.lookup(key) for key in keys]
 
     async def _set(
         self,
@@ -210,18 +213,18 @@ class LruMemoryCache(BaseCache):  # type: ignore[misc]
         return True
 
     async def _add(self, key: str, value: Any, ttl: float | None = None, _conn: Any = None) -> bool:
-        if self._live(key) is not None:
+        if self.lookup(key) is not None:
             raise ValueError("key already exists")
         return await self._set(key, value, ttl=ttl)
 
     async def _exists(self, key: str, _conn: Any = None) -> bool:
-        return self._live(key) is not None
+        return self.lookup(key) is not None
 
     async def _delete(self, key: str, _conn: Any = None) -> int:
         return int(self._remove(key))
 
     async def _expire(self, key: str, ttl: float, _conn: Any = None) -> bool:
-        value = self._live(key)
+        value = self.lookup(key)
         if value is None:
             return False
         self._entries[key] = (value, time.monotonic() + ttl if ttl else None, self._entries[key][2])
@@ -241,6 +244,7 @@ class ObjectStore:
 
     def __init__(self, cache: Any, *, backend: str, metrics: Metrics | None = None) -> None:
         self._cache = cache
+        self._memory = cache if isinstance(cache, LruMemoryCache) else None
         self.backend = backend
         self._metrics = metrics if metrics is not None else Metrics()
         self._last_error_log = 0.0
@@ -259,6 +263,11 @@ class ObjectStore:
         return len(self._cache) if isinstance(self._cache, LruMemoryCache) else 0
 
     async def get(self, key: str) -> CachedObject | None:
+        if self._memory is not None:
+            # The hot path of every hit: read the LRU directly rather than through aiocache's
+            # per-call wrappers (timeout, plugins, environment lookup), which do nothing here.
+            value = self._memory.lookup(key)
+            return value if isinstance(value, CachedObject) else None
         try:
             value = await self._cache.get(key)
         except _STORE_ERRORS as exc:

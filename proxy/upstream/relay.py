@@ -457,12 +457,11 @@ class StreamRelay:
             cache.count("coalesced")
         else:
             cache.count("miss")
-            body = cache.bodies.start(
+            reader = await cache.bodies.open(
                 key,
                 self._media_opener(ctx, ref.url, ref.kind),
                 self._media_storer(key, ttl) if ttl > 0 else None,
             )
-            reader = body.reader()
         try:
             head = await reader.head()
         except BaseException:

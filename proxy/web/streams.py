@@ -8,6 +8,7 @@ policy's ``Cache-Control``, ``Age`` when served from the store, ``ETag``/``Last-
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -33,6 +34,9 @@ log = logging.getLogger("hlsrelay.streams")
 # Headers that describe the body as the upstream encoded it; wrong once it was decompressed.
 _ENCODED_BODY_HEADERS = frozenset({"Content-Length", "Content-Range", "Content-Encoding"})
 _GZIP_ETAG_SUFFIX = '-gz"'
+# A shared body's first write per viewer: small, so that a crowd waiting on one segment all get
+# their first bytes (and headers, in the same segment) before anyone gets the bulk.
+FIRST_WRITE_BYTES = 4 * 1024
 # Headers a 304 repeats (RFC 9110 §15.4.5); never a body or its length.
 _NOT_MODIFIED_HEADERS = ("Cache-Control", "ETag", "Last-Modified", "Vary", "Age")
 
@@ -143,10 +147,16 @@ def _media_headers(headers: Mapping[str, str], decoded: bool) -> CIMultiDict[str
     return out
 
 
+class _HeadersWithFirstBytes(web.StreamResponse):
+    # aiohttp's own switch (web.Response sets it too): the headers go out with the first body
+    # write, one syscall instead of two per viewer when a crowd is released at once.
+    _send_headers_immediately = False
+
+
 async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamResponse:
     """Stream a body shared with other viewers, chunk by chunk as the upstream sends it."""
     reader = media.reader
-    response = web.StreamResponse(status=media.head.status)
+    response = _HeadersWithFirstBytes(status=media.head.status)
     for name, value in media.head.headers:
         if not name.startswith("X-Hlsrelay-"):
             response.headers[name] = value
@@ -154,6 +164,16 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     try:
         await response.prepare(request)
         async for chunk in reader:
+            if not sent and len(chunk) > FIRST_WRITE_BYTES:
+                # Fairness in a crowd: every waiter woken with this chunk writes its first bytes
+                # before anyone writes the rest (sleep(0) puts this one behind the others).
+                view = memoryview(chunk)
+                await response.write(view[:FIRST_WRITE_BYTES])
+                sent += FIRST_WRITE_BYTES
+                await asyncio.sleep(0)
+                await response.write(view[FIRST_WRITE_BYTES:])
+                sent += len(chunk) - FIRST_WRITE_BYTES
+                continue
             # write() waits for this viewer's socket only; the others read at their own pace.
             await response.write(chunk)
             sent += len(chunk)

@@ -1,4 +1,4 @@
-"""The cache mechanisms on their own: LRU byte budget, entry format, single-flight, shared bodies."""
+"""The cache mechanisms alone: LRU byte budget, entry format, single-flight, shared bodies."""
 
 from __future__ import annotations
 
