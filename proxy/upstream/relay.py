@@ -86,10 +86,11 @@ class SharedMedia:
 
 @dataclass(frozen=True, slots=True)
 class CachedMedia:
-    """A media object served from the store."""
+    """A media object served from the store (``byte_range``: only bytes [start, stop) of it)."""
 
     entry: CachedObject
     kind: UriKind
+    byte_range: tuple[int, int] | None = None
 
 
 Fetched = RewrittenPlaylist | MediaStream | SharedMedia | CachedMedia
@@ -110,6 +111,27 @@ class _UpstreamBody:
 
     def finish(self) -> None:
         self._response.release()
+
+
+def single_byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """``[start, stop)`` of a single satisfiable ``bytes=`` range over ``size`` bytes, or None."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first:  # suffix: the last N bytes
+            length = int(last)
+            return (max(0, size - length), size) if length > 0 and size > 0 else None
+        start = int(first)
+        stop = min(int(last) + 1, size) if last else size
+    except ValueError:
+        return None
+    if start < 0 or start >= size or stop <= start:
+        return None
+    return start, stop
 
 
 def _etag(body: bytes) -> str:
@@ -210,19 +232,23 @@ class StreamRelay:
     ) -> Fetched:
         """Open the upstream resource behind a proxied URI (or its cached copy).
 
-        Raises the project's errors. Ranged requests bypass the cache: they are rare (byte-range
-        playlists, seeking in a progressive file) and their answer is not the whole object.
+        Raises the project's errors. A ranged request is answered from a stored whole object when
+        there is one (a single range, no If-Range); otherwise it goes upstream on its own: its
+        answer is not the whole object, so it is neither shared nor stored.
         """
         ctx, ref = self.open_tokens(ctx_token, ref_token)
         viewer_headers = viewer_headers or {}
         ranged = any(viewer_headers.get(name) is not None for name in MEDIA_REQUEST_HEADERS)
-        if not ranged:
-            if ref.kind is UriKind.PLAYLIST:
-                return await self._playlist(ctx_token, ctx, ref, query_string)
-            if method in ("GET", "HEAD"):
-                found = await self._media(ctx_token, ctx, ref, method)
-                if found is not None:
-                    return found
+        found: SharedMedia | CachedMedia | None = None
+        if ranged:
+            if ref.kind is not UriKind.PLAYLIST and method in ("GET", "HEAD"):
+                found = await self._stored_range(ctx_token, ref, viewer_headers)
+        elif ref.kind is UriKind.PLAYLIST:
+            return await self._playlist(ctx_token, ctx, ref, query_string)
+        elif method in ("GET", "HEAD"):
+            found = await self._media(ctx_token, ctx, ref, method)
+        if found is not None:
+            return found
         return await self._direct(ctx_token, ctx, ref, method, query_string, viewer_headers)
 
     async def _direct(
@@ -468,6 +494,23 @@ class StreamRelay:
             reader.close()
             raise
         return SharedMedia(reader, head, ref.kind)
+
+    async def _stored_range(
+        self, ctx_token: str, ref: StreamRef, viewer_headers: Mapping[str, str]
+    ) -> CachedMedia | None:
+        range_header = viewer_headers.get("Range")
+        if range_header is None or viewer_headers.get("If-Range") is not None:
+            return None
+        if self._media_ttl(ref.kind) <= 0:
+            return None
+        cached = await self.cache.store.get(self._media_key(ctx_token, ref.url, ref.kind))
+        if cached is None or not cached.is_fresh():
+            return None
+        byte_range = single_byte_range(range_header, len(cached.body))
+        if byte_range is None:
+            return None  # several ranges, or none satisfiable: the upstream answers those
+        self.cache.count("hit")
+        return CachedMedia(cached, ref.kind, byte_range)
 
     def _media_opener(
         self, ctx: StreamContext, url: str, kind: UriKind

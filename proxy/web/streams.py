@@ -65,8 +65,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         request.app[METRICS].playlists_rewritten.inc()
         return _from_entry(request, result.entry, from_cache=result.from_cache)
     if isinstance(result, CachedMedia):
-        response = _from_entry(request, result.entry, from_cache=True)
-        if request.method == "GET" and response.status == 200:
+        response = _from_entry(request, result.entry, from_cache=True, byte_range=result.byte_range)
+        if request.method == "GET" and response.status in (200, 206):
             sent = len(response.body) if isinstance(response.body, bytes) else 0
             request.app[METRICS].bytes_out.labels(result.kind.name.lower()).inc(sent)
         return response
@@ -115,13 +115,23 @@ def _not_modified(request: web.Request, entry: CachedObject) -> bool:
         return False
 
 
-def _from_entry(request: web.Request, entry: CachedObject, *, from_cache: bool) -> web.Response:
+def _from_entry(
+    request: web.Request,
+    entry: CachedObject,
+    *,
+    from_cache: bool,
+    byte_range: tuple[int, int] | None = None,
+) -> web.Response:
     headers: CIMultiDict[str] = CIMultiDict(entry.headers)
     if from_cache:
         headers["Age"] = str(int(entry.age()))
     if _not_modified(request, entry):
         kept = CIMultiDict((k, v) for k, v in headers.items() if k in _NOT_MODIFIED_HEADERS)
         return web.Response(status=304, headers=kept)
+    if byte_range is not None:
+        start, stop = byte_range
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(entry.body)}"
+        return web.Response(status=206, body=entry.body[start:stop], headers=headers)
     body = entry.body
     if entry.gzip_body and _accepts_gzip(request):
         body = entry.gzip_body

@@ -455,3 +455,29 @@ async def test_cache_gauges_in_metrics(proxy: Client, origin: Origin) -> None:
     assert "hlsrelay_cache_entries 1.0" in metrics
     assert "hlsrelay_cache_bytes " in metrics
     assert 'hlsrelay_cache_requests_total{result="miss"} 1.0' in metrics
+
+
+async def test_ranges_of_a_stored_segment_are_served_from_the_store(
+    proxy: Client, origin: Origin
+) -> None:
+    data = bytes(range(256)) * 40
+    origin.media("/vod/seg1.ts", data)
+    origin.playlist("/vod/index.m3u8", live_playlist(first=1, count=1) + "#EXT-X-ENDLIST\n")
+    path = mint(proxy, f"{origin.url}/vod/index.m3u8")
+    seg = child(path, await (await proxy.get(path)).text(), "seg1.ts")
+    assert await (await proxy.get(seg)).read() == data
+    for header, start, stop in (
+        ("bytes=0-99", 0, 100),
+        ("bytes=10000-", 10000, len(data)),
+        ("bytes=-24", len(data) - 24, len(data)),
+        ("bytes=100-999999", 100, len(data)),
+    ):
+        resp = await proxy.get(seg, headers={"Range": header})
+        assert resp.status == 206, header
+        assert await resp.read() == data[start:stop]
+        assert resp.headers["Content-Range"] == f"bytes {start}-{stop - 1}/{len(data)}"
+    assert len(origin.requests_to("/vod/seg1.ts")) == 1
+    # If-Range or an unsatisfiable range (or several ranges): the upstream answers those.
+    assert (await proxy.get(seg, headers={"Range": "bytes=0-9", "If-Range": '"v1"'})).status == 206
+    assert (await proxy.get(seg, headers={"Range": f"bytes={len(data)}-"})).status == 416
+    assert len(origin.requests_to("/vod/seg1.ts")) == 3

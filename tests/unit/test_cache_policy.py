@@ -105,3 +105,26 @@ def test_not_yet_available_404_is_at_most_one_second() -> None:
     policy = not_found_freshness()
     assert policy.max_age <= 1
     assert policy.cache_control == "public, max-age=1"
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        ("bytes=0-9", 100, (0, 10)),
+        ("bytes=90-", 100, (90, 100)),
+        ("bytes=-10", 100, (90, 100)),
+        ("bytes=-500", 100, (0, 100)),
+        ("bytes=50-5000", 100, (50, 100)),
+        ("bytes=100-", 100, None),
+        ("bytes=5-2", 100, None),
+        ("bytes=0-1,4-5", 100, None),
+        ("items=0-1", 100, None),
+        ("bytes=a-b", 100, None),
+        ("bytes=-0", 100, None),
+        ("bytes=0-0", 0, None),
+    ],
+)
+def test_single_byte_range(header: str, size: int, expected: tuple[int, int] | None) -> None:
+    from proxy.upstream.relay import single_byte_range
+
+    assert single_byte_range(header, size) == expected
