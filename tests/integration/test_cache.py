@@ -481,3 +481,42 @@ async def test_ranges_of_a_stored_segment_are_served_from_the_store(
     assert (await proxy.get(seg, headers={"Range": "bytes=0-9", "If-Range": '"v1"'})).status == 206
     assert (await proxy.get(seg, headers={"Range": f"bytes={len(data)}-"})).status == 416
     assert len(origin.requests_to("/vod/seg1.ts")) == 3
+
+
+async def test_first_viewer_leaving_does_not_fail_the_others(proxy: Client, origin: Origin) -> None:
+    data = random.Random(5).randbytes(300 * 1024)
+    slow_media(origin, "/live/seg5.ts", data, delay=0.3)
+    origin.playlist("/live/index.m3u8", live_playlist(first=5, count=1))
+    path = mint(proxy, f"{origin.url}/live/index.m3u8")
+    url = str(proxy.make_url(child(path, await (await proxy.get(path)).text(), "seg5.ts")))
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.ensure_future(read_all(session, url))
+        await asyncio.sleep(0.05)
+        others = [asyncio.ensure_future(read_all(session, url)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        # The viewer whose request started the fetch goes away before the origin answers (the
+        # test server cancels handlers of closed connections, as handler_cancellation does).
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        results = await asyncio.gather(*others)
+    assert all(status == 200 and got == data for status, got in results)
+    # Its upstream request went with it; one background request served the others.
+    assert len(origin.requests_to("/live/seg5.ts")) == 2
+
+
+async def test_viewer_leaving_mid_body_leaves_the_others_and_the_store_whole(
+    proxy: Client, origin: Origin
+) -> None:
+    data = random.Random(6).randbytes(1024 * 1024)
+    slow_media(origin, "/live/seg6.ts", data, delay=0.1, chunk=32 * 1024)
+    origin.playlist("/live/index.m3u8", live_playlist(first=6, count=1))
+    path = mint(proxy, f"{origin.url}/live/index.m3u8")
+    seg = child(path, await (await proxy.get(path)).text(), "seg6.ts")
+    leaving, staying = await proxy.get(seg), await proxy.get(seg)
+    assert len(await leaving.content.readexactly(64 * 1024)) == 64 * 1024
+    leaving.close()
+    assert await staying.read() == data
+    await asyncio.sleep(0.05)
+    assert await (await proxy.get(seg)).read() == data
+    assert len(origin.requests_to("/live/seg6.ts")) == 1
