@@ -7,6 +7,17 @@ headers arrive, rewriting) happens here.
 Decide "rewrite or stream" once the headers are in: a playlist (by the token's kind, confirmed by
 Content-Type or a leading ``#EXTM3U``) is read whole up to ``upstream.max_playlist_bytes`` and
 rewritten; anything else is handed back open, to be streamed with backpressure and never buffered.
+
+Everything goes through the cache layer (``proxy.cache``), keyed by the stream's context token
+(its header profile), the upstream URL and the LL-HLS directives, so one stream's content is
+never served to another:
+
+* playlists: a fresh stored copy, else one single-flight fetch per key whose rewritten result is
+  stored for the policy's freshness (``proxy.hls.cache_policy``) plus ``cache.stale_if_error``;
+  when the upstream fails, the last good copy within that bound;
+* segments, parts, init sections, keys: a fresh stored copy, else a reader of the one shared
+  upstream body in flight (stored when it completes whole within ``cache.max_object_bytes``);
+* ranged requests: a slice of a stored whole object, else the upstream for this viewer alone.
 """
 
 from __future__ import annotations
