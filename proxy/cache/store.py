@@ -124,6 +124,10 @@ class EntrySerializer(BaseSerializer):  # type: ignore[misc]
             return None
 
 
+def _raw(value: bytes) -> bytes:
+    return value
+
+
 def _entry_size(value: Any) -> int:
     if isinstance(value, CachedObject):
         return value.size
@@ -282,6 +286,41 @@ class ObjectStore:
             await self._cache.set(key, value, ttl=float(ttl))
         except _STORE_ERRORS as exc:
             self._failed("set", exc)
+
+    async def lease(self, key: str, ttl: float) -> bool:
+        """Whether this instance may fetch ``key`` now (other instances sharing the store wait).
+
+        Only a shared store has leases; in memory, the process's own single-flight is enough.
+        A lease nobody releases expires after ``ttl``. A failing store grants it: better one
+        more upstream request than none.
+        """
+        if not self.shared:
+            return True
+        try:
+            await self._cache.add(f"{key}:lease", b"1", ttl=float(ttl), dumps_fn=_raw)
+        except ValueError:
+            return False  # another instance holds it
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("lease", exc)
+        return True
+
+    async def leased(self, key: str) -> bool:
+        """Whether another instance still holds the lease on ``key``."""
+        if not self.shared:
+            return False
+        try:
+            return bool(await self._cache.exists(f"{key}:lease"))
+        except _STORE_ERRORS as exc:
+            self._failed("lease", exc)
+            return False
+
+    async def release(self, key: str) -> None:
+        if not self.shared:
+            return
+        try:
+            await self._cache.delete(f"{key}:lease")
+        except _STORE_ERRORS as exc:
+            self._failed("release", exc)
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.cache_errors.labels(operation).inc()

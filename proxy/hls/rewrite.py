@@ -232,9 +232,7 @@ class _PlaylistRewriter:
 
     # -- URIs and attributes ----------------------------------------------------------------
 
-    def _rewrite_uri(
-        self, uri: bytes, kind: UriKind, imports: Mapping[str, str]
-    ) -> bytes | None:
+    def _rewrite_uri(self, uri: bytes, kind: UriKind, imports: Mapping[str, str]) -> bytes | None:
         """The replacement for one URI's bytes, or None to keep them (after substitution)."""
         variables = self._variables
         substituted = uri if variables is None else variables.substitute(uri)

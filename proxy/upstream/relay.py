@@ -22,6 +22,7 @@ never served to another:
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import time
@@ -58,6 +59,8 @@ MEDIA_RESPONSE_HEADERS = (
     "ETag",
 )
 _UTF8_BOM = b"\xef\xbb\xbf"
+# How often an instance waiting on another's playlist fetch (shared store) looks for its copy.
+LEASE_POLL_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +414,20 @@ class StreamRelay:
         leader_gone = False
 
         async def refresh() -> CachedObject | None:
+            lease_for = self._settings.upstream.first_byte_timeout
+            if blocking:
+                lease_for = self._settings.upstream.blocking_reload_timeout
+            if not await cache.store.lease(key, lease_for):
+                # Another instance sharing the store is fetching it: wait for its copy.
+                filled = await self._filled_elsewhere(key, cached, lease_for)
+                if filled is not None:
+                    return filled
+            try:
+                return await fetch_and_store()
+            finally:
+                await cache.store.release(key)
+
+        async def fetch_and_store() -> CachedObject | None:
             collect: list[tuple[str, UriKind]] | None = (
                 [] if cache.settings.prefetch_segments else None
             )
@@ -452,6 +469,21 @@ class StreamRelay:
         # Joined a fetch that found media: that response belongs to its leader; open our own.
         cache.count("miss")
         return await self._direct(ctx_token, ctx, ref, "GET", query_string, {})
+
+    async def _filled_elsewhere(
+        self, key: str, cached: CachedObject | None, wait_for: float
+    ) -> CachedObject | None:
+        """The copy another instance stores for ``key`` within ``wait_for`` s, or None."""
+        deadline = time.monotonic() + wait_for
+        while time.monotonic() < deadline:
+            await asyncio.sleep(LEASE_POLL_S)
+            store = self.cache.store
+            entry = await store.get(key)
+            if entry is not None and (cached is None or entry.stored_at > cached.stored_at):
+                return entry
+            if not await store.leased(key):
+                return None  # its fetch failed or was given up: try ourselves
+        return None
 
     def _stale_allowed(self, cached: CachedObject, exc: UpstreamError) -> bool:
         if isinstance(exc, UpstreamStatus) and exc.upstream_status < 500:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
@@ -196,3 +197,43 @@ async def test_nginx_edge_and_hlsrelay_coalesce_a_crowd(
         bodies = await asyncio.gather(*(get() for _ in range(30)))
     assert all(b == data for b in bodies)
     assert len(origin.requests_to("/live/seg1.ts")) == 1
+
+
+async def test_instances_sharing_redis_fetch_a_playlist_once_even_at_the_same_moment(
+    proxy_factory: ProxyFactory, origin: Origin, redis_service: Redis
+) -> None:
+    cache = {"backend": "redis", "redis_url": redis_service.url}
+    first, second = await proxy_factory(cache=cache), await proxy_factory(cache=cache)
+    text = live_playlist(target=10)
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        return web.Response(text=text, content_type="application/vnd.apple.mpegurl")
+
+    origin.routes["/live/index.m3u8"] = slow
+    path = mint(first, f"{origin.url}/live/index.m3u8")
+    responses = await asyncio.gather(
+        *(client.get(path) for client in (first, second) for _ in range(10))
+    )
+    bodies = {await r.read() for r in responses}
+    assert len(bodies) == 1 and all(r.status == 200 for r in responses)
+    assert len(origin.requests_to("/live/index.m3u8")) == 1
+
+
+async def test_a_failed_fetch_on_one_instance_does_not_hold_the_other_back(
+    proxy_factory: ProxyFactory, origin: Origin, redis_service: Redis
+) -> None:
+    cache = {"backend": "redis", "redis_url": redis_service.url}
+    first, second = await proxy_factory(cache=cache), await proxy_factory(cache=cache)
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return web.Response(status=503)
+
+    origin.routes["/live/index.m3u8"] = failing
+    path = mint(first, f"{origin.url}/live/index.m3u8")
+    started = asyncio.get_running_loop().time()
+    a, b = await asyncio.gather(first.get(path), second.get(path))
+    assert a.status == b.status == 502
+    # The waiting instance noticed the lease was given up, well before the first-byte timeout.
+    assert asyncio.get_running_loop().time() - started < 1.5
