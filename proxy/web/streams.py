@@ -62,7 +62,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             )
         raise
     if isinstance(result, RewrittenPlaylist):
-        request.app[METRICS].playlists_rewritten.inc()
+        if result.result in ("miss", "uncached"):  # hits and followers reuse one rewrite
+            request.app[METRICS].playlists_rewritten.inc()
         return _from_entry(request, result.entry, from_cache=result.from_cache)
     if isinstance(result, CachedMedia):
         response = _from_entry(request, result.entry, from_cache=True, byte_range=result.byte_range)
