@@ -1,7 +1,9 @@
 """``python -m tests.bench``: run every benchmark, print a Markdown report, save it.
 
 The report goes to stdout and to ``tests/bench/RESULTS.md`` (``--output`` to change,
-``--no-write`` to skip). Figures are medians over rounds, with the smallest and largest round.
+``--no-write`` to skip); the side-by-side target ratios (hlsrelay against nginx and
+mediaflow-proxy, ``bench_peers``) also replace the marked block in README's Performance section.
+Figures are medians over rounds, with the smallest and largest round.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tests.bench import bench_peers
 from tests.bench.bench_core import (
     CONCURRENT_FETCHES,
     MAX_RELAY_ROUNDS,
@@ -29,6 +32,10 @@ from tests.bench.bench_core import (
 )
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
+PEERS_START = "<!-- bench_peers:start (written by make bench) -->"
+PEERS_END = "<!-- bench_peers:end -->"
+PEERS_HEADING = "### Side by side with nginx and mediaflow-proxy (`make bench`)"
 COLD_TARGET_MS = 10.0
 CACHED_TARGET_MS = 2.0
 SIZE_TARGET_RATIO = 3.0
@@ -123,6 +130,27 @@ def _relay_table(figures: list[RelayFigure], rounds: int) -> list[str]:
     return rows
 
 
+def update_readme(headline: str, readme: Path = README) -> None:
+    """Put the side-by-side ratios in README's Performance section, keeping everything else."""
+    block = f"{PEERS_START}\n{headline.rstrip()}\n{PEERS_END}"
+    text = readme.read_text()
+    if PEERS_START in text and PEERS_END in text:
+        before, rest = text.split(PEERS_START, 1)
+        after = rest.split(PEERS_END, 1)[1]
+        text = before + block + after
+    else:
+        section = f"{PEERS_HEADING}\n\n{block}\n\n"
+        if "\n## Performance\n" not in text:
+            text = text.rstrip("\n") + "\n\n## Performance\n\n" + section
+        else:
+            head, tail = text.split("\n## Performance\n", 1)
+            # First in the section: after its opening paragraph, before its first subsection.
+            cut = tail.find("\n### ")
+            cut = len(tail) if cut < 0 else cut + 1
+            text = f"{head}\n## Performance\n{tail[:cut]}{section}{tail[cut:]}"
+    readme.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="rewrite rounds (default 15)")
@@ -130,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         "--relay-rounds", type=int, default=25, help="recorded relay rounds per path (default 25)"
     )
     parser.add_argument("--skip-relay", action="store_true", help="only the rewrite benchmarks")
+    parser.add_argument("--skip-peers", action="store_true", help="no side-by-side run")
+    parser.add_argument(
+        "--peer-rounds", type=int, default=3, help="side-by-side rounds per case (default 3)"
+    )
+    parser.add_argument(
+        "--peer-seconds", type=int, default=4, help="seconds per wrk run (default 4)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -151,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     lines += [*_rewrite_table(rewrites), "", *_size_table(sizes), ""]
     if not args.skip_relay:
         lines += [*_relay_table(bench_relay(args.relay_rounds), args.relay_rounds), ""]
+    peers = None
+    if not args.skip_peers:
+        peers = bench_peers.measure(args.peer_rounds, args.peer_seconds)
+        lines += [peers.markdown()]
     lines.append(f"Whole run: {time.monotonic() - began:.0f} s.")
     report = "\n".join(lines) + "\n"
     print(report, end="")
     if not args.no_write:
         args.output.write_text(report)
+        if peers is not None:
+            update_readme(peers.headline())
     return 0
 
 

@@ -678,46 +678,61 @@ def wrk(
 
 
 class LagProbe:
-    """GET /healthz every LAG_PROBE_EVERY_S on its own keep-alive connection, in a thread."""
+    """GET a health route every LAG_PROBE_EVERY_S on its own keep-alive connection.
+
+    Runs as its own process (``python -m tests.bench.bench_peers probe URL PATH``) so the
+    clients of this process never hold it up; its answers are read when it is stopped.
+    """
 
     def __init__(self, base: str, path: str = "/healthz") -> None:
-        self._url = urlsplit(base)
-        self._path = path
-        self._stop = threading.Event()
+        self._args = [sys.executable, "-m", "tests.bench.bench_peers", "probe", base, path]
+        self._proc: subprocess.Popen[str] | None = None
         self.samples: list[float] = []
-        self.failures = 0
-        self._thread = threading.Thread(target=self._run, name="lag-probe", daemon=True)
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection(self._url.hostname, self._url.port, timeout=10)
-        try:
-            while not self._stop.is_set():
-                began = time.perf_counter()
-                try:
-                    conn.request("GET", self._path)
-                    conn.getresponse().read()
-                except (OSError, http.client.HTTPException):
-                    self.failures += 1
-                    conn.close()
-                    conn = http.client.HTTPConnection(
-                        self._url.hostname, self._url.port, timeout=10
-                    )
-                    continue
-                self.samples.append((time.perf_counter() - began) * 1000)
-                self._stop.wait(LAG_PROBE_EVERY_S)
-        finally:
-            conn.close()
 
     def figures(self) -> dict[str, float]:
         return {"probe_ms": max(self.samples)} if self.samples else {}
 
     def __enter__(self) -> LagProbe:
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            self._args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
+        assert self._proc is not None
+        self._proc.terminate()
+        try:
+            out, _ = self._proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, _ = self._proc.communicate(timeout=5)
+        self.samples = [float(x) for x in out.split()]
+
+
+def _probe(base: str, path: str) -> None:
+    """The probe process: sample until SIGTERM, then print every answer time (ms)."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    url = urlsplit(base)
+    samples: list[float] = []
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    while not stop.is_set():
+        began = time.perf_counter()
+        try:
+            conn.request("GET", path)
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+            stop.wait(LAG_PROBE_EVERY_S)
+            continue
+        samples.append((time.perf_counter() - began) * 1000)
+        stop.wait(LAG_PROBE_EVERY_S)
+    conn.close()
+    sys.stdout.write(" ".join(f"{x:.3f}" for x in samples) + "\n")
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -1348,5 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "slow-origin":
         _serve_slow_origin(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "probe":
+        _probe(sys.argv[2], sys.argv[3])
     else:
         sys.exit(main())
