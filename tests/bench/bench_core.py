@@ -353,7 +353,8 @@ async def _segment_urls(
     session: aiohttp.ClientSession, proxied_playlist: str, origin: str
 ) -> Targets:
     """Proxied segment URLs as a player finds them: in the rewritten playlist, resolved."""
-    async with session.get(proxied_playlist) as response:
+    # Plain bytes: the session does not decompress, and playlists are served gzip'd on request.
+    async with session.get(proxied_playlist, headers={"Accept-Encoding": "identity"}) as response:
         response.raise_for_status()
         text = await response.text()
     base = URL(proxied_playlist, encoded=True)
