@@ -12,6 +12,11 @@ has it, not after the whole body; a late joiner first gets what has arrived so f
   reader may join, chunks every reader has passed are dropped, and the pump waits for the
   slowest reader once ``window_bytes`` are unread, so memory stays bounded. When a spilled body
   has no reader left, the upstream is closed.
+* All bodies together hold about ``held_bytes`` in memory (counted until their chunks are dropped
+  or their last reader is gone). A chunk that takes them past it spills its body at once, with
+  the smaller ``pressure_window_bytes``: with many slow viewers on different segments memory
+  stays near the budget plus a small window each, instead of every segment buffered whole
+  (such a body is then neither stored nor joined by late viewers).
 
 The pump never waits for readers before spilling: a slow viewer slows only itself.
 This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`.
@@ -58,11 +63,23 @@ Opener = Callable[[], Awaitable[BodySource]]
 OnComplete = Callable[[BodyHead, bytes], Awaitable[None]]
 
 
+class _Meter:
+    """Bytes held in memory by a set of shared bodies (chunks not yet dropped or released)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
 class SharedBody:
     """One upstream body and the readers following it."""
 
-    def __init__(self, window_bytes: int) -> None:
+    def __init__(self, window_bytes: int, meter: _Meter | None = None) -> None:
         self._window = window_bytes
+        self._meter = meter if meter is not None else _Meter()
+        self._counted = 0  # bytes of this body in the meter
+        self._pumped = False  # the pump is over: nothing more will arrive
         self._chunks: list[bytes] = []
         self._first = 0  # absolute index of _chunks[0] (chunks before it were dropped)
         self._unread_from = 0  # byte offset of _chunks[0]
@@ -112,6 +129,17 @@ class SharedBody:
     def _leave(self, reader: BodyReader) -> None:
         if self._readers.pop(reader, None) is not None:
             self._room.set()
+            self._release_if_unused()
+
+    def _uncount(self, size: int) -> None:
+        self._meter.held -= size
+        self._counted -= size
+
+    def _release_if_unused(self) -> None:
+        """Pump over and no reader left: the chunks go (a stored copy lives in the store)."""
+        if self._pumped and not self._readers and self._counted:
+            self._chunks = []
+            self._uncount(self._counted)
 
     # -- the pump side ------------------------------------------------------------------------
 
@@ -126,6 +154,8 @@ class SharedBody:
     def _append(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self.size += len(chunk)
+        self._meter.held += len(chunk)
+        self._counted += len(chunk)
         self._wake()
 
     def _finish(self) -> None:
@@ -148,7 +178,9 @@ class SharedBody:
             slowest = min(self._readers.values())
             drop = slowest - self._first
             if drop > 0:
-                self._unread_from += sum(len(c) for c in self._chunks[:drop])
+                dropped = sum(len(c) for c in self._chunks[:drop])
+                self._unread_from += dropped
+                self._uncount(dropped)
                 del self._chunks[:drop]
                 self._first = slowest
             if self.size - self._unread_from <= self._window:
@@ -184,11 +216,27 @@ class BodyReader:
 class SharedBodies:
     """The bodies in flight in this process, by cache key."""
 
-    def __init__(self, tasks: BackgroundTasks, max_object_bytes: int, window_bytes: int) -> None:
+    def __init__(
+        self,
+        tasks: BackgroundTasks,
+        max_object_bytes: int,
+        window_bytes: int,
+        *,
+        held_bytes: int | None = None,
+        pressure_window_bytes: int | None = None,
+    ) -> None:
         self._tasks = tasks
         self._limit = max_object_bytes
         self._window = max(window_bytes, 1)
+        self._held_limit = held_bytes
+        self._pressure_window = max(1, min(pressure_window_bytes or window_bytes, window_bytes))
+        self._meter = _Meter()
         self._bodies: dict[str, SharedBody] = {}
+
+    @property
+    def held(self) -> int:
+        """Bytes all shared bodies hold in memory now (in flight, or still being read)."""
+        return self._meter.held
 
     def __len__(self) -> int:
         return len(self._bodies)
@@ -203,7 +251,7 @@ class SharedBodies:
 
     def start(self, key: str, opener: Opener, on_complete: OnComplete | None = None) -> SharedBody:
         """Start fetching ``key`` in the background (there must be no flight for it)."""
-        body = SharedBody(self._window)
+        body = SharedBody(self._window, self._meter)
         self._bodies[key] = body
         self._tasks.spawn(self._open_and_pump(key, body, opener, on_complete), name="shared-body")
         return body
@@ -218,7 +266,7 @@ class SharedBodies:
         every request already queued in this loop turn (a crowd of hundreds arriving at once),
         delaying the one upstream request they all wait for.
         """
-        body = SharedBody(self._window)
+        body = SharedBody(self._window, self._meter)
         self._bodies[key] = body
         reader = body.reader()
         try:
@@ -270,9 +318,11 @@ class SharedBodies:
         try:
             async for chunk in source.chunks():
                 body._append(chunk)
-                if not body.spilled and body.size > self._limit:
-                    body.spilled = True
-                    self._forget(key, body)  # too big to share with late joiners or store
+                if not body.spilled:
+                    if body.size > self._limit:
+                        self._spill(key, body, self._window)  # too big to share or store
+                    elif self._held_limit is not None and self._meter.held > self._held_limit:
+                        self._spill(key, body, self._pressure_window)
                 if body.spilled:
                     await body._wait_for_room()
                     if not body.readers:
@@ -291,12 +341,22 @@ class SharedBodies:
                 source.abort()
                 if body.error is None:
                     body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
-            if complete:
-                body._finish()
-                if on_complete is not None and not body.spilled:
-                    # The flight stays findable until the entry is stored: no gap between them.
-                    await on_complete(source.head, body.body())
-            self._forget(key, body)
+            try:
+                if complete:
+                    body._finish()
+                    if on_complete is not None and not body.spilled:
+                        # The flight stays findable until the entry is stored: no gap between.
+                        await on_complete(source.head, body.body())
+            finally:
+                self._forget(key, body)
+                body._pumped = True
+                body._release_if_unused()
+
+    def _spill(self, key: str, body: SharedBody, window: int) -> None:
+        """From now on ``body`` is only streamed to its readers: no joiners, not stored."""
+        body.spilled = True
+        body._window = window
+        self._forget(key, body)
 
 
 __all__ = [

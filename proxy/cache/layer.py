@@ -13,6 +13,9 @@ from proxy.settings import CacheSettings
 
 # Unread bytes a spilled (too large to keep) shared body may hold for its slowest reader.
 SPILL_WINDOW_BYTES = 4 * 1024 * 1024
+# The same for a body spilled because the bodies kept whole hit cache.inflight_bytes: small, as
+# there may be hundreds of them (slow viewers, each on a segment of their own).
+PRESSURE_WINDOW_BYTES = 64 * 1024
 
 
 @dataclass
@@ -35,7 +38,13 @@ class CacheLayer:
             store=open_store(settings, metrics),
             tasks=tasks,
             playlists=SingleFlight(tasks, "playlist-fetch"),
-            bodies=SharedBodies(tasks, settings.max_object_bytes, SPILL_WINDOW_BYTES),
+            bodies=SharedBodies(
+                tasks,
+                settings.max_object_bytes,
+                SPILL_WINDOW_BYTES,
+                held_bytes=settings.inflight_bytes,
+                pressure_window_bytes=PRESSURE_WINDOW_BYTES,
+            ),
             metrics=metrics,
         )
         metrics.cache_bytes.set_function(lambda: layer.store.bytes)

@@ -211,3 +211,61 @@ async def test_spilled_body_stays_within_its_window_and_takes_no_joiners() -> No
     assert b"".join([first, *rest]) == b"x" * 40
     reader.close()
     await tasks.close()
+
+
+async def test_bodies_kept_whole_stay_within_the_held_budget() -> None:
+    """Many slow readers on different bodies: past held_bytes, bodies spill with a small window."""
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(
+        tasks, max_object_bytes=1000, window_bytes=100, held_bytes=20, pressure_window_bytes=8
+    )
+    sources = [FakeSource([b"x" * 4] * 10 + [None]) for _ in range(5)]
+    stored: list[bytes] = []
+
+    async def on_complete(head: BodyHead, body: bytes) -> None:
+        stored.append(body)
+
+    readers = []
+    for number, source in enumerate(sources):
+
+        async def opener(source: FakeSource = source) -> FakeSource:
+            return source
+
+        readers.append(bodies.start(f"k{number}", opener, on_complete).reader())
+    await asyncio.sleep(0.01)  # every pump runs as far as it may; nobody has read a byte
+    in_memory = [r._body.size - r._body._unread_from for r in readers]
+    assert bodies.held == sum(in_memory)
+    # The budget (plus the chunk that crossed it), then the pressure window (plus a chunk) each.
+    assert bodies.held <= (20 + 4) + 4 * (8 + 4)
+    spilled = [r._body for r in readers if r._body.spilled]
+    assert spilled, "the budget must have spilled bodies"
+    kept = [r._body for r in readers if not r._body.spilled]
+    for reader in readers:
+        assert b"".join([chunk async for chunk in reader]) == b"x" * 40
+        reader.close()
+    await asyncio.sleep(0)
+    # Bodies kept whole are still stored; spilled ones are not, and nothing stays counted.
+    assert len(stored) == len(kept) and all(body == b"x" * 40 for body in stored)
+    assert bodies.held == 0
+    await tasks.close()
+
+
+async def test_no_held_budget_keeps_every_body_whole() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"y" * 50] * 4)
+
+    async def opener() -> FakeSource:
+        return source
+
+    body = bodies.start("k", opener)
+    reader = body.reader()
+    await asyncio.sleep(0.01)
+    assert not body.spilled and bodies.held == 200
+    source.queue.put_nowait(None)
+    assert b"".join([chunk async for chunk in reader]) == b"y" * 200
+    await asyncio.sleep(0)
+    assert bodies.held == 200  # its reader has not let go yet
+    reader.close()
+    assert bodies.held == 0
+    await tasks.close()
