@@ -58,6 +58,9 @@ class BodySource(Protocol):
     def finish(self) -> None:
         """Hand the connection back (the body was read to the end)."""
 
+    def limit_chunks(self, size: int) -> None:
+        """From now on, hand on chunks of at most ``size`` bytes."""
+
 
 Opener = Callable[[], Awaitable[BodySource]]
 OnComplete = Callable[[BodyHead, bytes], Awaitable[None]]
@@ -315,14 +318,16 @@ class SharedBodies:
     ) -> None:
         complete = False
         body._set_head(source.head)
+        if self._under_pressure():
+            self._spill_under_pressure(key, body, source)
         try:
             async for chunk in source.chunks():
                 body._append(chunk)
                 if not body.spilled:
                     if body.size > self._limit:
                         self._spill(key, body, self._window)  # too big to share or store
-                    elif self._held_limit is not None and self._meter.held > self._held_limit:
-                        self._spill(key, body, self._pressure_window)
+                    elif self._under_pressure():
+                        self._spill_under_pressure(key, body, source)
                 if body.spilled:
                     await body._wait_for_room()
                     if not body.readers:
@@ -351,6 +356,15 @@ class SharedBodies:
                 self._forget(key, body)
                 body._pumped = True
                 body._release_if_unused()
+
+    def _under_pressure(self) -> bool:
+        return self._held_limit is not None and self._meter.held > self._held_limit
+
+    def _spill_under_pressure(self, key: str, body: SharedBody, source: BodySource) -> None:
+        self._spill(key, body, self._pressure_window)
+        # Each buffer on the way (this body, the viewer's transport) then holds about one chunk:
+        # small chunks keep hundreds of slow streams small.
+        source.limit_chunks(self._pressure_window)
 
     def _spill(self, key: str, body: SharedBody, window: int) -> None:
         """From now on ``body`` is only streamed to its readers: no joiners, not stored."""

@@ -99,6 +99,9 @@ class UpstreamResponse:
     """Called once when the response is closed or released (ends a least-connections count)."""
     on_body_failure: Callable[[HlsRelayError], None] | None = None
     """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
+    chunk_limit: int | None = None
+    """Largest chunk :meth:`iter_chunks` hands on from now on; None: all that is buffered (fewer,
+    larger chunks, the fastest). Set when many slow viewers make memory the concern."""
 
     @property
     def status(self) -> int:
@@ -122,7 +125,8 @@ class UpstreamResponse:
         content = self.raw.content
         while True:
             with self._body_errors():
-                chunk = await content.readany()
+                limit = self.chunk_limit
+                chunk = await (content.readany() if limit is None else content.read(limit))
             if not chunk:
                 return
             yield chunk

@@ -129,6 +129,9 @@ class _UpstreamBody:
     def finish(self) -> None:
         self._response.release()
 
+    def limit_chunks(self, size: int) -> None:
+        self._response.chunk_limit = size
+
 
 def single_byte_range(header: str, size: int) -> tuple[int, int] | None:
     """``[start, stop)`` of a single satisfiable ``bytes=`` range over ``size`` bytes, or None."""

@@ -210,6 +210,23 @@ async def test_object_over_the_size_limit_is_shared_but_not_stored(
     assert len(origin.requests_to("/vod/big.ts")) == 2  # too big to keep
 
 
+async def test_over_the_inflight_budget_bodies_stream_through_whole_but_unstored(
+    proxy_factory: ProxyFactory, origin: Origin
+) -> None:
+    # Budget 0: every body spills at its first chunk and is relayed in 64 KiB chunks from then on.
+    proxy = await proxy_factory(cache={"inflight_bytes": 0})
+    data = random.Random(5).randbytes(700 * 1024)
+    origin.media("/vod/seg.ts", data)
+    # Minted as a playlist's child (a top-level media URL is relayed uncached).
+    origin.playlist("/vod/index.m3u8", live_playlist(first=0, count=0) + "seg.ts\n")
+    path = mint(proxy, f"{origin.url}/vod/index.m3u8")
+    url = child(path, await (await proxy.get(path)).text(), "seg.ts")
+    assert await read_all_client(proxy, url) == data
+    assert await read_all_client(proxy, url) == data
+    assert len(origin.requests_to("/vod/seg.ts")) == 2  # over the budget: not stored
+    assert proxy.app[RELAY].cache.bodies.held == 0
+
+
 async def read_all_client(proxy: Client, url: str) -> bytes:
     resp = await proxy.get(URL(url).path_qs)
     return await resp.read()

@@ -125,6 +125,7 @@ class FakeSource:
             self.queue.put_nowait(chunk)
         self.fail_after = fail_after
         self.finished = self.aborted = False
+        self.chunk_limit: int | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         count = 0
@@ -139,6 +140,9 @@ class FakeSource:
 
     def finish(self) -> None:
         self.finished = True
+
+    def limit_chunks(self, size: int) -> None:
+        self.chunk_limit = size
 
 
 async def test_late_joiner_reads_what_arrived_then_follows() -> None:
@@ -239,7 +243,21 @@ async def test_bodies_kept_whole_stay_within_the_held_budget() -> None:
     assert bodies.held <= (20 + 4) + 4 * (8 + 4)
     spilled = [r._body for r in readers if r._body.spilled]
     assert spilled, "the budget must have spilled bodies"
+    # Spilled under pressure: small chunks from then on (the pressure window).
+    assert [s.chunk_limit for s in sources].count(8) == len(spilled)
     kept = [r._body for r in readers if not r._body.spilled]
+    # A body started while over the budget is streamed through from its first byte.
+    late_source = FakeSource([b"z" * 4, None])
+
+    async def late_opener() -> FakeSource:
+        return late_source
+
+    late = bodies.start("late", late_opener, on_complete)
+    late_reader = late.reader()
+    await asyncio.sleep(0)
+    assert late.spilled and late_source.chunk_limit == 8 and bodies.join("late") is None
+    assert [chunk async for chunk in late_reader] == [b"z" * 4]
+    late_reader.close()
     for reader in readers:
         assert b"".join([chunk async for chunk in reader]) == b"x" * 40
         reader.close()
