@@ -126,7 +126,14 @@ class UpstreamResponse:
         while True:
             with self._body_errors():
                 limit = self.chunk_limit
-                chunk = await (content.readany() if limit is None else content.read(limit))
+                if limit is None:
+                    # Chunks as they were received: readany() would join what is buffered (a
+                    # copy of every byte relayed).
+                    chunk, boundary = await content.readchunk()
+                    if not chunk and boundary:
+                        continue  # the end of one HTTP chunk (chunked encoding), not of the body
+                else:
+                    chunk = await content.read(limit)
             if not chunk:
                 return
             yield chunk

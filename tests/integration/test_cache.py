@@ -227,6 +227,30 @@ async def test_over_the_inflight_budget_bodies_stream_through_whole_but_unstored
     assert proxy.app[RELAY].cache.bodies.held == 0
 
 
+async def test_chunked_upstream_body_is_relayed_whole(proxy: Client, origin: Origin) -> None:
+    # No Content-Length: chunked transfer encoding, whose chunk ends the relay must not take
+    # for the end of the body.
+    data = random.Random(6).randbytes(300 * 1024)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(data), 50 * 1024):
+            await response.write(data[start : start + 50 * 1024])
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    origin.routes["/live/chunked.ts"] = handler
+    origin.playlist("/live/index.m3u8", live_playlist(first=0, count=0) + "chunked.ts\n")
+    path = mint(proxy, f"{origin.url}/live/index.m3u8")
+    url = child(path, await (await proxy.get(path)).text(), "chunked.ts")
+    assert await read_all_client(proxy, url) == data
+    assert await read_all_client(proxy, url) == data  # the stored copy is whole too
+    assert len(origin.requests_to("/live/chunked.ts")) == 1
+
+
 async def read_all_client(proxy: Client, url: str) -> bytes:
     resp = await proxy.get(URL(url).path_qs)
     return await resp.read()
