@@ -1,0 +1,43 @@
+"""The side-by-side bench's bookkeeping (no benchmark runs here): README block, playlist checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.bench.__main__ import PEERS_END, PEERS_HEADING, PEERS_START, update_readme
+from tests.bench.bench_peers import playlist, playlist_uris
+
+
+def test_readme_block_is_created_once_then_replaced_in_place(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n## Performance\n\nIntro.\n\n### Other figures\n\nkept\n\n## Next\n\ntail\n"
+    )
+    update_readme("| a | b |\n", readme)
+    first = readme.read_text()
+    assert first.count(PEERS_START) == 1 and PEERS_HEADING in first
+    # First in the section, other subsections kept after it.
+    assert first.index("Intro.") < first.index(PEERS_START) < first.index("### Other figures")
+    update_readme("| c | d |\n", readme)
+    second = readme.read_text()
+    assert second.count(PEERS_START) == second.count(PEERS_END) == 1
+    assert "| c | d |" in second and "| a | b |" not in second
+    assert "kept" in second and "tail" in second
+
+
+def test_readme_without_a_performance_section_gets_one(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\ntext\n")
+    update_readme("| a |\n", readme)
+    text = readme.read_text()
+    assert "\n## Performance\n" in text and PEERS_START in text and text.startswith("# x")
+
+
+def test_playlist_uris_cover_uri_lines_and_uri_attributes() -> None:
+    body = playlist(3, vod=True).decode() + '#EXT-X-KEY:METHOD=AES-128,URI="k.bin"\n'
+    assert playlist_uris(body) == [
+        "seg_vod_00001.ts",
+        "seg_vod_00002.ts",
+        "seg_vod_00003.ts",
+        "k.bin",
+    ]
