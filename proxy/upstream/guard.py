@@ -24,6 +24,7 @@ from yarl import URL
 from proxy.errors import ForbiddenDestination
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_MAX_VERDICTS = 4096
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -32,6 +33,10 @@ class DestinationGuard:
 
     def __init__(self, allow_networks: Iterable[IPNetwork] = ()) -> None:
         self._allow = tuple(allow_networks)
+        # Verdicts on host strings (IP literal or name), as check_address reaches them: parsing an
+        # address is a measurable share of a small request, and the verdict only depends on
+        # the string and on allow_networks, which never change. Bounded: cleared when full.
+        self._verdicts: dict[str, bool] = {}
 
     def is_allowed(self, address: IPAddress) -> bool:
         if isinstance(address, ipaddress.IPv6Address):
@@ -45,11 +50,18 @@ class DestinationGuard:
 
     def check_address(self, host: str) -> None:
         """Refuse ``host`` if it is an IP literal that may not be reached; names pass."""
-        try:
-            address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-        except ValueError:
-            return
-        if not self.is_allowed(address):
+        allowed = self._verdicts.get(host)
+        if allowed is None:
+            try:
+                address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+            except ValueError:
+                allowed = True  # a name: checked on every address it resolves to
+            else:
+                allowed = self.is_allowed(address)
+            if len(self._verdicts) >= _MAX_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[host] = allowed
+        if not allowed:
             raise ForbiddenDestination("destination address is not allowed")
 
     def check_url(self, url: URL) -> None:
