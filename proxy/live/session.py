@@ -66,7 +66,13 @@ class LiveSession:
         self._metrics = metrics
         self._ffmpeg = ffmpeg
         self.hub = FanOutHub()
-        self.window = SegmentWindow(settings.window_segments, settings.segment_seconds)
+        # Sequence numbers start from the wall clock: a later session of the same channel
+        # continues above this one's numbers, so players and caches never see a number reused.
+        self.window = SegmentWindow(
+            settings.window_segments,
+            settings.segment_seconds,
+            first_sequence=int(time.time() / settings.segment_seconds),
+        )
         self.reader = SourceReader(
             source, self.hub, client, settings, metrics, lambda: ffmpeg, self._source_changed
         )
@@ -143,7 +149,7 @@ class LiveSession:
         return float(self.window.target_duration or self._settings.segment_seconds)
 
     def state(self) -> str:
-        if self.window.last_sequence >= 0 and self.last_segment_at is not None:
+        if self.last_segment_at is not None:
             age = time.monotonic() - self.last_segment_at
             return "live" if age < _STALL_SEGMENTS * self.target_duration else "stalled"
         return "starting" if self.last_error is None else "failing"

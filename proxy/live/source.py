@@ -65,15 +65,18 @@ class PacketAligner:
         self._buffer = b""
         self.synced = False
         self._searched = 0
+        self._head = b""
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data
+        if len(self._head) < 64:
+            self._head += data[: 64 - len(self._head)]
         if not self.synced:
             start = _find_sync(buffer)
             if start < 0:
                 self._searched += len(data)
                 if self._searched > _SYNC_SEARCH_BYTES:
-                    raise NotTransportStream(_not_ts_message(buffer))
+                    raise NotTransportStream(_not_ts_message(self._head))
                 self._buffer = buffer[-3 * TS_PACKET :]
                 return b""
             self.synced = True

@@ -29,18 +29,19 @@ class Segment:
 class SegmentWindow:
     """The last ``size`` segments of a session (plus a few kept for late players)."""
 
-    def __init__(self, size: int, segment_seconds: float) -> None:
+    def __init__(self, size: int, segment_seconds: float, first_sequence: int = 0) -> None:
         self.size = size
         self._segment_seconds = segment_seconds
         self._segments: deque[Segment] = deque()
-        self._next_sequence = 0
+        self._next_sequence = first_sequence
+        self._first_sequence = first_sequence
         self._pending_discontinuity = False
         self.discontinuity_sequence = 0
         self.target_duration: int | None = None
 
     def mark_discontinuity(self) -> None:
         """The next segment follows a restart or a source switch."""
-        if self._next_sequence:
+        if self._next_sequence != self._first_sequence:
             self._pending_discontinuity = True
 
     def add(self, data: bytes, duration: float, now: datetime | None = None) -> Segment:
@@ -56,13 +57,11 @@ class SegmentWindow:
         self._next_sequence += 1
         self._pending_discontinuity = False
         if self.target_duration is None:
-            self.target_duration = max(
-                math.ceil(self._segment_seconds), math.ceil(duration - 0.001), 1
-            )
-        elif round(duration) > self.target_duration:
+            self.target_duration = max(math.ceil(self._segment_seconds), _nearest(duration), 1)
+        elif _nearest(duration) > self.target_duration:
             # EXTINF rounded must not exceed the target duration; of the two rules players
             # follow that one, so the target grows when the source's GOP does.
-            self.target_duration = round(duration)
+            self.target_duration = _nearest(duration)
         self._segments.append(segment)
         while len(self._segments) > self.size + _GRACE_SEGMENTS:
             if self._segments.popleft().discontinuity:
@@ -109,3 +108,8 @@ class SegmentWindow:
             lines.append(f"#EXTINF:{segment.duration:.3f},")
             lines.append(f"{segment.sequence}.ts")
         return ("\n".join(lines) + "\n").encode()
+
+
+def _nearest(seconds: float) -> int:
+    """Rounded to the nearest integer, halves up (RFC 8216 §4.3.3.1), not to even."""
+    return int(seconds + 0.5)
