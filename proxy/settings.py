@@ -144,6 +144,7 @@ class LiveSettings(_Section):
     """Seconds to look at a channel whose kind (hls or ts) neither config nor URL tells."""
 
 
+_SOURCE_SCHEMES = ("http://", "https://", "acestream://", "lavfi:")
 _CHANNEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
 
 
@@ -157,6 +158,18 @@ class ChannelSettings(_Section):
     backup_urls: tuple[str, ...] = ()
     logo: str = ""
     group: str = ""
+
+    @field_validator("url", "backup_urls")
+    @classmethod
+    def _source_url(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for url in (value,) if isinstance(value, str) else value:
+            text = url.strip()
+            hex_id = len(text) == 40 and all(c in "0123456789abcdefABCDEF" for c in text)
+            if not (text.startswith(_SOURCE_SCHEMES) or hex_id):
+                raise ValueError(
+                    "must be an http(s) URL, acestream://HASH, a 40-hex id or lavfi:GRAPH"
+                )
+        return value
 
 
 class ChannelListSettings(_Section):

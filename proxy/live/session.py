@@ -206,6 +206,9 @@ class LiveSession:
     async def _supervise(self) -> None:
         failures = 0
         while True:
+            # Subscribed before the source flows, so ffmpeg gets the stream from its first
+            # packet (its PAT/PMT and first keyframe) rather than from wherever it joins.
+            subscription = self.hub.subscribe(_FFMPEG_BUFFER_BYTES)
             while not self.reader.flowing:
                 self._changed.clear()
                 await self._changed.wait()
@@ -214,7 +217,7 @@ class LiveSession:
                 self._metrics.live_ffmpeg_restarts.labels(self.source.metric_label).inc()
                 self.window.mark_discontinuity()
             self.ffmpeg_runs += 1
-            produced, reason = await self._run_ffmpeg(self.ffmpeg_runs, generation)
+            produced, reason = await self._run_ffmpeg(self.ffmpeg_runs, generation, subscription)
             if reason == "audio":
                 continue  # restart at once with AAC audio
             if produced:
@@ -229,11 +232,12 @@ class LiveSession:
                 continue
             delay = backoff_delay(failures, self._settings.restart_max_backoff)
             log.warning(
-                "live %s: ffmpeg %s after %d segments; restarting in %.1fs",
+                "live %s: ffmpeg %s after %d segments; restarting in %.1fs%s",
                 self.channel_id,
                 reason,
                 produced,
                 delay,
+                f" ({self.last_error.message})" if self.last_error and not produced else "",
             )
             await asyncio.sleep(delay)
 
@@ -277,9 +281,10 @@ class LiveSession:
             str(self._dir / f"r{run}-%d.ts"),
         ]
 
-    async def _run_ffmpeg(self, run: int, generation: int) -> tuple[int, str]:
+    async def _run_ffmpeg(
+        self, run: int, generation: int, subscription: Subscription
+    ) -> tuple[int, str]:
         """Run one ffmpeg until it exits, stalls, or the source switches: (segments, reason)."""
-        subscription = self.hub.subscribe(_FFMPEG_BUFFER_BYTES)
         proc = await process.spawn(self._ffmpeg_args(run), stdin=True)
         self.proc = proc
         self._metrics.live_ffmpeg_processes.inc()
