@@ -226,6 +226,7 @@ class LiveSession:
             else:
                 failures += 1
                 self.ffmpeg_failures = failures
+                self._changed.set()  # a viewer waiting for the first segment hears of it now
             if reason == "source":
                 continue  # the source reconnected: a new ffmpeg for the new stream, now
             if self.reader.generation != generation:

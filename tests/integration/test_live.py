@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.errors import ServiceUnavailable
 from proxy.live.process import find_ffmpeg
-from proxy.web.keys import LIVE, METRICS
+from proxy.web.keys import CHANNELS, LIVE, METRICS, SETTINGS
 from tests.conftest import ProxyFactory
 from tests.live_origin import REFERER, TsOrigin
 
@@ -302,3 +302,52 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return re.search(r"\) [ZX] ", status) is None
+
+
+async def test_ffmpeg_that_dies_at_once_is_backed_off(
+    proxy_factory: ProxyFactory, ts_origin: TsOrigin, tmp_path: Path
+) -> None:
+    broken = tmp_path / "ffmpeg"
+    broken.write_text("#!/bin/sh\necho 'Invalid data found when processing input' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    client = await start(
+        proxy_factory,
+        [{"id": "x", "url": f"{ts_origin.url}/ace/getstream?id={HASH}"}],
+        ffmpeg=str(broken),
+    )
+    resp = await client.get("/live/x/index.m3u8")
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert error["code"] == "live_ffmpeg_failed"
+    assert "Invalid data found" in error["message"]
+    await asyncio.sleep(3)
+    session = client.app[LIVE].session("x")
+    assert session is not None
+    # 0.5 s, 1 s, 2 s (capped at restart_max_backoff = 2 s here), jittered: not a spawn loop.
+    assert session.ffmpeg_runs <= 5
+    assert ts_origin.total["ace"] == 1  # the source stayed connected all along
+
+
+async def test_list_reload_keeps_playing_sessions(
+    proxy_factory: ProxyFactory, ts_origin: TsOrigin, tmp_path: Path
+) -> None:
+    listed = tmp_path / "list.m3u"
+    listed.write_text(f'#EXTM3U\n#EXTINF:-1 tvg-id="l1",L1\n{ts_origin.url}/live/mp2.ts\n')
+    client = await proxy_factory(
+        live=LIVE_TEST, channel_lists=[{"path": str(listed), "refresh_interval": 0}]
+    )
+    catalog = client.app[CHANNELS]
+    for _ in range(100):
+        if catalog.get("l1"):
+            break
+        await asyncio.sleep(0.02)
+    assert (await client.get("/live/l1/index.m3u8")).status == 200
+    session = client.app[LIVE].session("l1")
+    listed.write_text(f'#EXTM3U\n#EXTINF:-1 tvg-id="l2",L2\n{ts_origin.url}/live/mp2.ts\n')
+    await catalog.load(0, client.app[SETTINGS].channel_lists[0])
+    assert catalog.get("l1") is None and catalog.get("l2") is not None
+    # The playing session is untouched; a new viewer of the gone channel gets a 404.
+    assert client.app[LIVE].session("l1") is session
+    assert (await client.get(f"/live/l1/{session.window.last_sequence}.ts")).status == 200
+    assert (await client.get("/live/l1/index.m3u8")).status == 404
+    assert metric(client, "hlsrelay_live_viewers", channel="other") >= 1

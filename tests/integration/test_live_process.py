@@ -9,7 +9,6 @@ of its children's may remain (found by scanning /proc).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -139,7 +138,12 @@ headers = {{ Referer = "{REFERER}" }}
             proc.kill()
             await proc.wait()
         for pid in children:  # never leave one behind, even when the test failed
-            with contextlib.suppress(OSError):
-                # Only our ffmpeg: a recycled pid of something else is left alone.
-                if b"ffmpeg" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
+            if _is_ffmpeg(pid):  # only ours: a recycled pid of something else is left alone
+                os.kill(pid, signal.SIGKILL)
+
+
+def _is_ffmpeg(pid: int) -> bool:
+    try:
+        return b"ffmpeg" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
