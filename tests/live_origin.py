@@ -22,13 +22,15 @@ REFERER = "https://player.example.test/live"
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
-def ts_args(ffmpeg: str, *, audio_codec: str = "aac", size: str = "160x90") -> list[str]:
+def ts_args(
+    ffmpeg: str, *, audio_codec: str = "aac", size: str = "160x90", keyframe_seconds: float = 1.0
+) -> list[str]:
     return [
         ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
         "-f", "lavfi", "-i", f"testsrc=size={size}:rate=25",
         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
         "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
-        "-force_key_frames", "expr:gte(t,n_forced*1)",
+        "-force_key_frames", f"expr:gte(t,n_forced*{keyframe_seconds:g})",
         "-c:a", audio_codec, "-b:a", "64k",
         "-f", "mpegts", "pipe:1",
     ]  # fmt: skip
@@ -43,6 +45,7 @@ class TsOrigin:
     total: dict[str, int] = field(default_factory=dict)
     """Requests per route name."""
     cut_after_bytes: int = 400_000
+    keyframe_seconds: float = 1.0
     procs: set[asyncio.subprocess.Process] = field(default_factory=set)
 
     def app(self) -> web.Application:
@@ -106,7 +109,7 @@ class TsOrigin:
         self, request: web.Request, *, audio_codec: str = "aac", limit: int | None = None
     ) -> web.StreamResponse:
         proc = await asyncio.create_subprocess_exec(
-            *ts_args(self.ffmpeg, audio_codec=audio_codec),
+            *ts_args(self.ffmpeg, audio_codec=audio_codec, keyframe_seconds=self.keyframe_seconds),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,

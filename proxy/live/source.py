@@ -156,6 +156,7 @@ class SourceReader:
                     async for packets in reading:
                         if not delivered:
                             delivered = True
+                            self._hub.reset()
                             self.generation += 1
                             self.flowing = True
                             self.failures = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from datetime import UTC, datetime
 
 import pytest
@@ -91,3 +92,34 @@ def test_backoff_grows_jittered_and_capped() -> None:
     assert 0.4 <= backoff_delay(0, 30) <= 0.6
     assert 3.2 <= backoff_delay(3, 30) <= 4.8
     assert backoff_delay(40, 30) <= 36
+
+
+def _packet(pid: int, *, pusi: bool = False, payload: bytes = b"", rai: bool = False) -> bytes:
+    head = bytes([0x47, (0x40 if pusi else 0) | (pid >> 8), pid & 0xFF])
+    if rai:
+        adaptation = bytes([1, 0x40])
+        body = adaptation + payload
+        packet = head + bytes([0x30]) + body
+    else:
+        packet = head + bytes([0x10]) + payload
+    return packet + b"\xff" * (188 - len(packet))
+
+
+def test_hub_starts_new_consumers_at_the_last_keyframe() -> None:
+    # PAT: program 1 -> PMT PID 0x1000 (section: table 0, length 13, ..., entry, CRC).
+    pat_section = bytes([0x00, 0xB0, 13, 0, 1, 0xC1, 0, 0, 0, 1, 0xF0, 0x00, 0, 0, 0, 0])
+    pat = _packet(0, pusi=True, payload=b"\x00" + pat_section)
+    pmt = _packet(0x1000, pusi=True, payload=b"\x00\x02pmt")
+    key = _packet(0x100, pusi=True, rai=True, payload=b"\x00\x00\x01\xe0key")
+    audio_key = _packet(0x101, pusi=True, rai=True, payload=b"\x00\x00\x01\xc0aud")
+    delta = _packet(0x100, pusi=True, payload=b"\x00\x00\x01\xe0delta")
+    hub = FanOutHub()
+    hub.publish(pat + pmt + delta + delta)
+    late = hub.subscribe(10_000)
+    assert late._chunks == deque()  # no keyframe seen yet: nothing to start from
+    hub.publish(delta + key + audio_key + delta)
+    hub.publish(delta)
+    joiner = hub.subscribe(10_000)
+    assert b"".join(joiner._chunks) == pat + pmt + key + audio_key + delta + delta
+    hub.reset()
+    assert hub.subscribe(10_000)._chunks == deque()
