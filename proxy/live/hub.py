@@ -89,7 +89,7 @@ class FanOutHub:
             sub.closed = True
             return sub
         self._subscriptions.append(sub)
-        if self._gop and self._pat and self._pmts:
+        if self._gop and self._pat and self._pmts and self._gop_bytes < max_bytes // 2:
             sub._offer(self._pat + b"".join(self._pmts.values()))
             for chunk in self._gop:
                 sub._offer(chunk)

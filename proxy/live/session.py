@@ -88,6 +88,8 @@ class LiveSession:
         self.proc: asyncio.subprocess.Process | None = None
         self._hls_viewers: dict[str, float] = {}
         self.ts_viewers = 0
+        self._waiting = 0
+        """Viewers waiting for the first segment: present, however long the start takes."""
         self.stopped = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ class LiveSession:
     def last_activity(self) -> float:
         """When a viewer was last present (now, while one is)."""
         now = time.monotonic()
-        if self.viewers():
+        if self.viewers() or self._waiting:
             return now
         last_hls = max(self._hls_viewers.values(), default=self.started_at)
         return max(last_hls + 2 * self.target_duration, self._last_ts_viewer)
@@ -158,6 +160,15 @@ class LiveSession:
 
     async def playlist(self) -> bytes:
         """The live playlist; the first request waits for the first segment (start_timeout)."""
+        if len(self.window) == 0:
+            self._waiting += 1
+            try:
+                await self._first_segment()
+            finally:
+                self._waiting -= 1
+        return self.window.render()
+
+    async def _first_segment(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.start_timeout
         while len(self.window) == 0:
@@ -174,7 +185,6 @@ class LiveSession:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
-        return self.window.render()
 
     def segment(self, sequence: int) -> Segment:
         segment = self.window.get(sequence)

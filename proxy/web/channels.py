@@ -40,7 +40,9 @@ async def channels_m3u(request: web.Request) -> web.Response:
             attributes.insert(0, ("tvg-id", channel.id))
         if channel.group and "group-title" not in names:
             attributes.append(("group-title", channel.group))
-        items.append((channel.name, attributes, ts_url if as_ts else hls_url))
+        # An HLS channel has no raw-TS form: it stays HLS in the TS list too.
+        use_ts = as_ts and channel.kind != "hls"
+        items.append((channel.name, attributes, ts_url if use_ts else hls_url))
     body = format_m3u(items)
     return web.Response(
         text=body,
