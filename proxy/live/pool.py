@@ -87,7 +87,10 @@ class LivePool:
         """Stop idle sessions and refresh the gauges, every second."""
         while True:
             await asyncio.sleep(_SWEEP_SECONDS)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # the sweeper is a supervisor: a bug in one pass must not end it
+                log.exception("live: sweeping sessions failed")
 
     async def sweep(self) -> None:
         now = time.monotonic()

@@ -227,7 +227,19 @@ class LiveSession:
                 self._metrics.live_ffmpeg_restarts.labels(self.source.metric_label).inc()
                 self.window.mark_discontinuity()
             self.ffmpeg_runs += 1
-            produced, reason = await self._run_ffmpeg(self.ffmpeg_runs, generation, subscription)
+            try:
+                produced, reason = await self._run_ffmpeg(
+                    self.ffmpeg_runs, generation, subscription
+                )
+            except HlsRelayError as exc:  # ffmpeg could not even start
+                subscription.close()
+                self.last_error = exc
+                produced, reason = 0, "failed to start"
+            except Exception:  # a supervisor must outlive a bug in one run: log, back off
+                subscription.close()
+                log.exception("live %s: ffmpeg supervision failed", self.channel_id)
+                self.last_error = SegmenterFailed("internal error while running ffmpeg")
+                produced, reason = 0, "crashed"
             if reason == "audio":
                 continue  # restart at once with AAC audio
             if produced:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ _SYNC = 0x47
 # Bytes looked through for three packets in a row before the source is declared "not TS".
 _SYNC_SEARCH_BYTES = 64 * 1024
 _BASE_BACKOFF_SECONDS = 0.5
+# A connection that delivered TS but dropped within this many seconds counts as a flap.
+_FLAP_SECONDS = 10.0
 
 
 class NotTransportStream(UpstreamError):
@@ -145,12 +148,14 @@ class SourceReader:
         urls = self.source.urls
         index = 0
         attempts = 0
+        flaps = 0
         while True:
             url = urls[index % len(urls)]
             if attempts:
                 self._metrics.live_source_reconnects.labels(self.source.metric_label).inc()
             attempts += 1
             delivered = False
+            connected_at = time.monotonic()
             try:
                 async with contextlib.aclosing(self._read(url)) as reading:
                     async for packets in reading:
@@ -166,6 +171,9 @@ class SourceReader:
                 self.last_error = UpstreamUnreachable("the channel source ended its stream")
             except HlsRelayError as exc:
                 self.last_error = exc
+            except Exception:  # a supervisor outlives a bug in one attempt: log, back off
+                log.exception("live %s: source reader failed", self.source.channel_id)
+                self.last_error = UpstreamError("internal error while reading the source")
             self.flowing = False
             log.warning(
                 "live %s: source %d failed: %s",
@@ -180,7 +188,11 @@ class SourceReader:
             # Try each backup at once after a failure; back off once all of them failed.
             rounds = self.failures // len(urls)
             if delivered:
-                delay = backoff_delay(0, self._settings.restart_max_backoff) / 2
+                # A source that delivers a little and drops again and again is a flapping
+                # source: back off from it as from one that fails outright.
+                lasted = time.monotonic() - connected_at
+                flaps = flaps + 1 if lasted < _FLAP_SECONDS else 0
+                delay = backoff_delay(flaps, self._settings.restart_max_backoff) / 2
             elif self.failures % len(urls):
                 delay = 0.0
             else:

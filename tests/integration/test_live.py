@@ -6,6 +6,7 @@ Segments are 1 s to keep the suite quick. ffmpeg also plays the proxied window a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -351,3 +352,25 @@ async def test_list_reload_keeps_playing_sessions(
     assert (await client.get(f"/live/l1/{session.window.last_sequence}.ts")).status == 200
     assert (await client.get("/live/l1/index.m3u8")).status == 404
     assert metric(client, "hlsrelay_live_viewers", channel="other") >= 1
+
+
+async def test_stalled_ffmpeg_is_replaced(proxy_factory: ProxyFactory, ts_origin: TsOrigin) -> None:
+    client = await start(
+        proxy_factory, [{"id": "st", "url": f"{ts_origin.url}/ace/getstream?id={HASH}"}]
+    )
+    before = segments_of(await (await client.get("/live/st/index.m3u8")).text())
+    session = client.app[LIVE].session("st")
+    assert session is not None and session.proc is not None
+    frozen = session.proc.pid
+    os.kill(frozen, signal.SIGSTOP)  # alive but silent: only the stall timer can notice
+    try:
+
+        async def replaced() -> bool:
+            text = await (await client.get("/live/st/index.m3u8")).text()
+            return "#EXT-X-DISCONTINUITY\n" in text and segments_of(text)[-1] > before[-1]
+
+        await wait_until(replaced, 20, "a new ffmpeg after the stall")
+        assert not _alive(frozen)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
