@@ -35,6 +35,9 @@ class LivePool:
         self._starting = asyncio.Lock()
         self._ffmpeg: str | None = None
         self._labels: set[str] = set()
+        # Last media sequence number of each channel that played: a new session continues
+        # above it, so numbers never repeat for players and caches.
+        self._last_sequence: dict[str, int] = {}
         self.closed = False
 
     def session(self, channel_id: str) -> LiveSession | None:
@@ -68,7 +71,14 @@ class LivePool:
                 )
             if self._ffmpeg is None:
                 self._ffmpeg = find_ffmpeg(self._settings.ffmpeg)
-            session = LiveSession(source, self._client, self._settings, self._metrics, self._ffmpeg)
+            session = LiveSession(
+                source,
+                self._client,
+                self._settings,
+                self._metrics,
+                self._ffmpeg,
+                first_sequence=self._last_sequence.get(source.channel_id, -1) + 1,
+            )
             session.start()
             self._sessions[source.channel_id] = session
             self._metrics.live_sessions.set(len(self._sessions))
@@ -80,6 +90,7 @@ class LivePool:
         if session is None:
             return
         await session.stop()
+        self._last_sequence[channel_id] = session.window.last_sequence
         self._metrics.live_sessions.set(len(self._sessions))
         log.info("live %s: session stopped", channel_id)
 

@@ -59,6 +59,7 @@ class LiveSession:
         settings: LiveSettings,
         metrics: Metrics,
         ffmpeg: str,
+        first_sequence: int = 0,
     ) -> None:
         self.source = source
         self.channel_id = source.channel_id
@@ -71,7 +72,7 @@ class LiveSession:
         self.window = SegmentWindow(
             settings.window_segments,
             settings.segment_seconds,
-            first_sequence=int(time.time() / settings.segment_seconds),
+            first_sequence=max(first_sequence, int(time.time() / settings.segment_seconds)),
         )
         self.reader = SourceReader(
             source, self.hub, client, settings, metrics, lambda: ffmpeg, self._source_changed
@@ -191,6 +192,25 @@ class LiveSession:
         if segment is None:
             raise NotFound("no such segment in the live window")
         return segment
+
+    async def wait_source(self) -> None:
+        """Wait until the source delivers TS (bounded by start_timeout); raise its error when
+        every URL failed, so a raw-TS viewer gets a status, not a 200 that never sends."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.start_timeout
+        while not self.reader.flowing:
+            reader_error = self.reader.last_error
+            if self.stopped:
+                raise UpstreamError("the live session stopped")
+            if reader_error is not None and self.reader.failures >= len(self.source.urls):
+                raise _copy_error(reader_error)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamTimeout("the channel source sent nothing within live.start_timeout")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
 
     def subscribe_ts(self) -> Subscription:
         self.ts_viewers += 1

@@ -106,6 +106,7 @@ async def raw_ts(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
     sent = 0
     try:
+        await session.wait_source()
         response = web.StreamResponse(
             headers={"Content-Type": TS_CONTENT_TYPE, "Cache-Control": "no-store"}
         )

@@ -228,6 +228,10 @@ async def test_source_that_is_not_ts_fails_clearly_and_backs_off(
     error = (await resp.json())["error"]
     assert error["code"] == "source_not_ts"
     assert "HTML" in error["message"]
+    # A raw-TS viewer gets the same error as a status, not a 200 that never sends a byte.
+    resp = await client.get("/live/p.ts")
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "source_not_ts"
     await asyncio.sleep(3)
     # Backed off (0.5 s, 1 s, 2 s… with jitter): a handful of attempts, not a loop.
     assert ts_origin.total["page"] <= 5
@@ -281,7 +285,12 @@ async def test_max_sessions_idle_stop_and_cleanup(
     assert metric(client, "hlsrelay_live_ffmpeg_processes") == 0
     assert metric(client, "hlsrelay_live_sessions") == 0
     assert ts_origin.connections == 0
+    last = session.window.last_sequence
     assert (await client.get("/live/m1/index.m3u8")).status == 200
+    # The same channel again: a new session whose sequence numbers continue above the old.
+    await client.app[LIVE].stop("m1")
+    text = await (await client.get("/live/m0/index.m3u8")).text()
+    assert segments_of(text)[0] > last
 
 
 async def test_segment_not_in_window_is_a_short_404(
