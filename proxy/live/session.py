@@ -67,8 +67,8 @@ class LiveSession:
         self._metrics = metrics
         self._ffmpeg = ffmpeg
         self.hub = FanOutHub()
-        # Sequence numbers start from the wall clock: a later session of the same channel
-        # continues above this one's numbers, so players and caches never see a number reused.
+        # Sequence numbers start from the wall clock (and above the channel's last session):
+        # a player or an edge cache never sees a number reused for other media.
         self.window = SegmentWindow(
             settings.window_segments,
             settings.segment_seconds,
@@ -89,6 +89,7 @@ class LiveSession:
         self.proc: asyncio.subprocess.Process | None = None
         self._hls_viewers: dict[str, float] = {}
         self.ts_viewers = 0
+        self._last_ts_viewer = 0.0
         self._waiting = 0
         """Viewers waiting for the first segment: present, however long the start takes."""
         self.stopped = False
@@ -141,8 +142,6 @@ class LiveSession:
         last_hls = max(self._hls_viewers.values(), default=self.started_at)
         return max(last_hls + 2 * self.target_duration, self._last_ts_viewer)
 
-    _last_ts_viewer = 0.0
-
     def ts_viewer_left(self) -> None:
         self.ts_viewers -= 1
         self._last_ts_viewer = time.monotonic()
@@ -155,7 +154,7 @@ class LiveSession:
         if self.last_segment_at is not None:
             age = time.monotonic() - self.last_segment_at
             return "live" if age < _STALL_SEGMENTS * self.target_duration else "stalled"
-        return "starting" if self.last_error is None else "failing"
+        return "starting" if self._error() is None else "failing"
 
     # -- serving --------------------------------------------------------------------------------
 
