@@ -320,4 +320,21 @@ def masked(settings: Settings) -> dict[str, Any]:
     security = data["security"]
     security["secret"] = "********" if settings.security.secret is not None else None
     security["api_keys"] = ["********" for _ in settings.security.api_keys]
+    # Channel sources often carry credentials: header values (cookies, tokens) and query
+    # strings (Xtream username/password) are masked.
+    for entry in [*data["channels"], *data["channel_lists"]]:
+        entry["headers"] = dict.fromkeys(entry.get("headers") or {}, "********")
+        if entry.get("url"):
+            entry["url"] = _mask_url(entry["url"])
+        if "backup_urls" in entry:
+            entry["backup_urls"] = [_mask_url(u) for u in entry["backup_urls"]]
     return data
+
+
+def _mask_url(url: str) -> str:
+    base, sep, _query = url.partition("?")
+    scheme, has_scheme, rest = base.partition("://")
+    if has_scheme and "@" in rest.split("/", 1)[0]:
+        rest = "********@" + rest.split("@", 1)[1]
+        base = f"{scheme}://{rest}"
+    return base + ("?********" if sep else "")

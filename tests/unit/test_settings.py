@@ -163,3 +163,21 @@ def test_shipped_config_has_the_demo_channel(monkeypatch: pytest.MonkeyPatch) ->
     demo = next(c for c in settings.channels if c.id == "demo")
     assert demo.url.startswith("lavfi:") and demo.kind == "ts"
     assert settings.live.ffmpeg == "auto"
+
+
+def test_check_config_masks_channel_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        '[[channels]]\nid = "a"\nurl = "http://u:pw@h/x.ts?token=SECRET1"\n'
+        'headers = { Cookie = "SECRET2" }\nbackup_urls = ["http://h/y.ts?k=SECRET3"]\n'
+        '[[channel_lists]]\nurl = "http://h/get.php?username=u&password=SECRET4"\n',
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "pw@"):
+        assert secret not in out
+    doc = json.loads(out)
+    assert doc["channels"][0]["url"] == "http://********@h/x.ts?********"
+    assert doc["channels"][0]["headers"] == {"Cookie": "********"}
