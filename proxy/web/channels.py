@@ -13,6 +13,9 @@ from proxy.web.keys import CHANNELS, SETTINGS
 from proxy.web.live import live_state
 
 M3U_CONTENT_TYPE = "audio/x-mpegurl"
+# Attributes that point players straight at the provider (often with its credentials in the
+# URL) and would bypass the proxy: not repeated in the list hlsrelay hands out.
+_PROVIDER_ATTRIBUTES = frozenset({"catchup-source"})
 
 
 def public_base(request: web.Request) -> str:
@@ -34,7 +37,9 @@ async def channels_m3u(request: web.Request) -> web.Response:
     items = []
     for channel in request.app[CHANNELS].all():
         hls_url, ts_url = channel_urls(base, channel)
-        attributes = list(channel.attributes)
+        attributes = [
+            (k, v) for k, v in channel.attributes if k.lower() not in _PROVIDER_ATTRIBUTES
+        ]
         names = {k.lower() for k, _ in attributes}
         if "tvg-id" not in names:
             attributes.insert(0, ("tvg-id", channel.id))

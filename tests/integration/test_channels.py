@@ -32,7 +32,8 @@ async def test_channel_list_and_json(
     listed.write_text(
         "#EXTM3U\n"
         '#EXTINF:-1 tvg-id="news.tv" tvg-logo="http://logo/n.png" group-title="News" '
-        'catchup="shift",News\n'
+        'catchup="shift" catchup-source="http://cdn.example/n?utc={utc}&token=SECRET-TOKEN",'
+        "News\n"
         "#EXTVLCOPT:http-referrer=https://site.example/\n"
         "http://cdn.example/news/index.m3u8?token=SECRET-TOKEN\n"
         "#EXTINF:-1,Sport\n"
