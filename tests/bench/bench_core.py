@@ -346,9 +346,7 @@ async def _concurrent(
     )
 
 
-async def _segment_urls(
-    session: aiohttp.ClientSession, proxied_playlist: str, origin: str
-) -> Targets:
+async def _segment_urls(session: aiohttp.ClientSession, proxied_playlist: str, origin: str) -> Targets:
     """Proxied segment URLs as a player finds them: in the rewritten playlist, resolved."""
     async with session.get(proxied_playlist) as response:
         response.raise_for_status()
@@ -387,9 +385,7 @@ async def _measure_relay(
         per_round = SEQUENTIAL_FETCHES + CONCURRENT_FETCHES
         needed = 1 + per_round * (rounds + 1)
         if len(targets.proxied) < needed:
-            raise RuntimeError(
-                f"the bench playlist lists {len(targets.proxied)} < {needed} segments"
-            )
+            raise RuntimeError(f"the bench playlist lists {len(targets.proxied)} < {needed} segments")
 
         figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
         cpu: dict[str, list[float]] = {"sequential": [], "concurrent": []}
@@ -551,6 +547,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "origin":
         _serve_origin(int(sys.argv[2]))
     else:
-        sys.exit(
-            "usage: python -m tests.bench.bench_core origin PORT (run benches: python -m tests.bench)"
-        )
+        sys.exit("usage: python -m tests.bench.bench_core origin PORT (run benches: python -m tests.bench)")

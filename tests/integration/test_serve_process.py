@@ -30,9 +30,7 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    port: int, *extra_env: tuple[str, str]
-) -> AsyncIterator[asyncio.subprocess.Process]:
+async def serve(port: int, *extra_env: tuple[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {
         **os.environ,
         "HLSRELAY_SERVER__PORT": str(port),
