@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.channels.catalog import ChannelCatalog
 from proxy.live.pool import LivePool
+from proxy.live.session import remove_stale_dirs
 from proxy.metrics import Metrics
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
@@ -128,6 +129,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     app[CHANNELS] = catalog
     pool = LivePool(settings.live, client, app[METRICS])
     app[LIVE] = pool
+    await asyncio.to_thread(remove_stale_dirs)
     app[BACKGROUND] = {}
     # Lists load in the background: a slow list URL must not hold up start-up or /healthz.
     _background(app, "channel-lists", _load_lists(catalog))

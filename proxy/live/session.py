@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from proxy.settings import LiveSettings
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("hlsrelay.live")
+
+DIR_PREFIX = "hlsrelay-live-"
 
 # Bytes ffmpeg's stdin may fall behind the source before it counts as stalled.
 _FFMPEG_BUFFER_BYTES = 16 * 1024 * 1024
@@ -97,7 +100,8 @@ class LiveSession:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="hlsrelay-live-"))
+        # The pid in the name lets a later start remove what a SIGKILLed server left behind.
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
         self._tasks = [
             asyncio.create_task(self.reader.run(), name=f"live-source:{self.channel_id}"),
             asyncio.create_task(self._supervise(), name=f"live-ffmpeg:{self.channel_id}"),
@@ -460,3 +464,24 @@ def _copy_error(error: HlsRelayError) -> HlsRelayError:
     copy = UpstreamError(error.message, status=error.status)
     copy.code = error.code
     return copy
+
+
+def remove_stale_dirs(parent: Path | None = None) -> int:
+    """Remove session dirs of servers that are gone (killed with SIGKILL): their pid, in the
+    dir name, is no longer running. Returns how many were removed."""
+    parent = parent or Path(tempfile.gettempdir())
+    removed = 0
+    for entry in parent.glob(f"{DIR_PREFIX}*-*"):
+        pid_text = entry.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # that server still runs (or the pid was reused: leave it be)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    return removed

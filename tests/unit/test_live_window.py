@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from proxy.live.hub import FanOutHub
+from proxy.live.session import remove_stale_dirs
 from proxy.live.source import NotTransportStream, PacketAligner, backoff_delay
 from proxy.live.window import SegmentWindow
 
@@ -123,3 +126,15 @@ def test_hub_starts_new_consumers_at_the_last_keyframe() -> None:
     assert b"".join(joiner._chunks) == pat + pmt + key + audio_key + delta + delta
     hub.reset()
     assert hub.subscribe(10_000)._chunks == deque()
+
+
+def test_stale_session_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    gone = tmp_path / "hlsrelay-live-999999999-abc"
+    gone.mkdir()
+    (gone / "r1-0.ts").write_bytes(b"x")
+    mine = tmp_path / f"hlsrelay-live-{os.getpid()}-def"
+    mine.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    assert remove_stale_dirs(tmp_path) == 1
+    assert not gone.exists() and mine.exists() and other.exists()
