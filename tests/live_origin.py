@@ -32,6 +32,9 @@ def ts_args(
         "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
         "-force_key_frames", f"expr:gte(t,n_forced*{keyframe_seconds:g})",
         "-c:a", audio_codec, "-b:a", "64k",
+        # Written as muxed, not in 32 KiB bursts: a low-bitrate test stream would otherwise
+        # go quiet for seconds at a time, like a stalling origin.
+        "-flush_packets", "1",
         "-f", "mpegts", "pipe:1",
     ]  # fmt: skip
 
@@ -47,6 +50,8 @@ class TsOrigin:
     cut_after_bytes: int = 400_000
     keyframe_seconds: float = 1.0
     procs: set[asyncio.subprocess.Process] = field(default_factory=set)
+    ended: list[str] = field(default_factory=list)
+    """How each TS response ended (for failure messages)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -61,10 +66,14 @@ class TsOrigin:
         return app
 
     async def _stop_streams(self, app: web.Application) -> None:
-        # Endless responses end when their ffmpeg does: stop them all so shutdown is quick.
-        for proc in list(self.procs):
+        # Endless responses end when their ffmpeg does: stop them all so shutdown is quick,
+        # and reap them here, before the server cancels its handlers (a process awaited by a
+        # cancelled handler would be left with an open transport).
+        procs = list(self.procs)
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.gather(*(proc.wait() for proc in procs))
 
     def _count(self, name: str) -> None:
         self.total[name] = self.total.get(name, 0) + 1
@@ -118,6 +127,7 @@ class TsOrigin:
         response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
         self.connections += 1
         sent = 0
+        how = "ffmpeg ended"
         try:
             await response.prepare(request)
             assert proc.stdout is not None
@@ -129,12 +139,16 @@ class TsOrigin:
                 sent += len(chunk)
             if request.transport is not None:
                 request.transport.close()  # cut, not a clean end
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            how = "viewer went away"
+        except asyncio.CancelledError:
+            how = "cancelled"
         finally:
+            self.ended.append(f"{request.path}: {how} after {sent} bytes (rc={proc.returncode})")
             self.connections -= 1
             self.procs.discard(proc)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
         return response

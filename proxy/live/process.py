@@ -67,6 +67,8 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = TERM_GRACE_
     """Stop the process and its group; return its exit status. Safe to call twice."""
     if proc.stdin is not None and not proc.stdin.is_closing():
         proc.stdin.close()
+    # Only while the leader is not reaped: after that its pid (the group id) may be reused by
+    # an unrelated process. ffmpeg does not fork, so its group is the leader alone.
     if proc.returncode is None:
         _signal_group(proc, signal.SIGTERM)
         try:
@@ -74,8 +76,5 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = TERM_GRACE_
                 await proc.wait()
         except TimeoutError:
             _signal_group(proc, signal.SIGKILL)
-    else:
-        # The leader is gone but a child of it might not be.
-        _signal_group(proc, signal.SIGKILL)
     # Shielded: a cancelled caller must still not leave a zombie behind.
     return await asyncio.shield(proc.wait())

@@ -253,6 +253,9 @@ class SourceReader:
             "aac",
             "-b:a",
             "96k",
+            # Packets leave as they are muxed, not in 32 KiB bursts.
+            "-flush_packets",
+            "1",
             "-f",
             "mpegts",
             "pipe:1",
