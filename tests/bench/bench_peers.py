@@ -61,7 +61,7 @@ from yarl import URL
 
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
-from tests.bench.bench_core import REPO, SHIPPED_CONFIG, Spread, _free_port
+from tests.bench.bench_core import REPO, SHIPPED_CONFIG, Spread, _free_port, machine
 
 COMMAND = "python -m tests.bench.bench_peers"
 SECRET = "bench-peers-secret-0123456789abcdef"
@@ -1387,8 +1387,9 @@ def measure(rounds: int = 3, seconds: float = 4.0, cases: Sequence[int] = range(
 
 
 def run() -> str:
-    """Run every case; the Markdown report."""
-    return measure().markdown()
+    """Run every case; the Markdown report (machine facts first)."""
+    facts = "".join(f"- {name}: {value}\n" for name, value in machine().items())
+    return f"{facts}\n{measure().markdown()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1399,7 +1400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = [int(x) for x in args.cases.split(",") if x]
     report = measure(args.rounds, args.seconds, chosen)
-    sys.stdout.write(report.markdown())
+    facts = "".join(f"- {name}: {value}\n" for name, value in machine().items())
+    sys.stdout.write(f"{facts}\n{report.markdown()}")
     return 0
 
 
