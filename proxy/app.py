@@ -16,7 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy import __version__
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, build_labels
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
 from proxy.upstream.client import UpstreamClient
@@ -25,7 +25,7 @@ from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.relay import StreamRelay
 from proxy.upstream.transport import TunnelConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
-from proxy.web.errors import error_middleware, metrics_middleware
+from proxy.web.errors import add_request_id, error_middleware, metrics_middleware
 from proxy.web.keys import CLIENT_SESSION, METRICS, PROXY_POOL, READY, RELAY, SETTINGS
 from proxy.web.routes import setup_routes
 
@@ -39,11 +39,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     metrics = Metrics()
-    metrics.build_info.info({"version": __version__})
+    metrics.build_info.info(build_labels(__version__))
     app[METRICS] = metrics
     app[READY] = {"ready": False}
     setup_routes(app, settings.server.base_path)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream)
     app.on_shutdown.append(_not_ready)
     return app

@@ -7,15 +7,30 @@ a token, a host name typed by a user, or a credential.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+def build_labels(version: str) -> dict[str, str]:
+    """The labels of ``hlsrelay_build_info``: what runs, to tell instances apart in a rollout."""
+    return {"version": version, "python": platform.python_version()}
 
 
 @dataclass
@@ -28,7 +43,16 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.build_info = Info("hlsrelay_build", "Version of the running hlsrelay", registry=r)
+        # No *_created series: a timestamp per labelled child doubles the series count and no
+        # dashboard or rule here reads it. (A process-wide switch of prometheus-client.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        # process_* (CPU, memory, open files) and python_info: the usual companions of a
+        # service's own metrics, computed at scrape time only.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Info(
+            "hlsrelay_build", "Version of the running hlsrelay (always 1)", registry=r
+        )
         self.requests = Counter(
             "hlsrelay_http_requests_total",
             "HTTP requests answered, by route and status class",
@@ -62,6 +86,12 @@ class Metrics:
             "Time from sending an upstream request to its response headers",
             ["kind"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "hlsrelay_upstream_received_bytes_total",
+            "Body bytes received from upstreams (after decompression), by resource kind",
+            ["kind"],
             registry=r,
         )
         self.bytes_out = Counter(

@@ -7,6 +7,8 @@ declare -A wanted=(
   [ffmpeg]=ffmpeg
   [tinyproxy]=tinyproxy
   [microsocks]=microsocks
+  [promtool]=prometheus
+  [prometheus]=prometheus
 )
 missing=()
 for bin in "${!wanted[@]}"; do

@@ -40,8 +40,10 @@ from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from prometheus_client import Counter
 from yarl import URL
 
+from proxy import request_log
 from proxy.errors import (
     HlsRelayError,
     PlaylistTooLarge,
@@ -99,6 +101,8 @@ class UpstreamResponse:
     """Called once when the response is closed or released (ends a least-connections count)."""
     on_body_failure: Callable[[HlsRelayError], None] | None = None
     """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
+    received: Counter | None = None
+    """Counts body bytes as they arrive (``hlsrelay_upstream_received_bytes_total{kind}``)."""
 
     @property
     def status(self) -> int:
@@ -115,16 +119,22 @@ class UpstreamResponse:
     async def first_chunk(self) -> bytes:
         """The first bytes of the body as they arrive (b"" at end of body)."""
         with self._body_errors():
-            return await self.raw.content.readany()
+            chunk = await self.raw.content.readany()
+        if self.received is not None:
+            self.received.inc(len(chunk))
+        return chunk
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         content = self.raw.content
+        received = self.received
         while True:
             with self._body_errors():
                 chunk = await content.readany()
             if not chunk:
                 return
+            if received is not None:
+                received.inc(len(chunk))
             yield chunk
 
     @contextlib.contextmanager
@@ -456,9 +466,14 @@ class UpstreamClient:
             metrics.upstream_ttfb.labels(kind).observe(time.perf_counter() - started)
             location = raw.headers.get("Location")
             if raw.status not in REDIRECT_STATUSES or not location:
+                # The host name only: a path or query can hold a signature or a credential.
+                request_log.note_upstream_host(target.host)
                 encoding = raw.headers.get("Content-Encoding", "identity").strip().lower()
                 return UpstreamResponse(
-                    raw=raw, final_url=str(target), decoded=decompress and encoding != "identity"
+                    raw=raw,
+                    final_url=str(target),
+                    decoded=decompress and encoding != "identity",
+                    received=metrics.upstream_bytes.labels(kind),
                 )
             raw.close()
             try:
