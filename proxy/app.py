@@ -16,6 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy import __version__
+from proxy.cache.layer import CacheLayer
 from proxy.metrics import Metrics, build_labels
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
@@ -98,9 +99,10 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     client = UpstreamClient(
         session, settings.upstream, guard, app[METRICS], proxies=settings.proxies, pool=pool
     )
+    cache = CacheLayer.open(settings.cache, app[METRICS])
     app[CLIENT_SESSION] = session
     app[PROXY_POOL] = pool
-    app[RELAY] = StreamRelay(client, codec, settings)
+    app[RELAY] = StreamRelay(client, codec, settings, cache)
     probes: asyncio.Task[None] | None = None
     if proxies and settings.proxies.probe_url is not None:
         probes = asyncio.create_task(client.run_probes(), name="hlsrelay-proxy-probes")
@@ -111,6 +113,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         probes.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await probes
+    # Fills and prefetches first: they use the session.
+    await cache.close()
     await session.close()
     for proxy in proxies:
         if proxy.session is not None:

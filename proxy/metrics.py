@@ -161,3 +161,33 @@ class Metrics:
         self.playlists_rewritten = Counter(
             "hlsrelay_playlists_rewritten_total", "Playlists rewritten", registry=r
         )
+        self.cache_requests = Counter(
+            "hlsrelay_cache_requests_total",
+            "Cacheable requests by outcome: hit (fresh entry), miss (fetched upstream), stale "
+            "(last good playlist served while the upstream fails), coalesced (joined a fetch "
+            "already in flight)",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "hlsrelay_cache_bytes", "Bytes held by the in-memory cache store", registry=r
+        )
+        self.cache_entries = Gauge(
+            "hlsrelay_cache_entries", "Entries held by the in-memory cache store", registry=r
+        )
+        self.cache_inflight = Gauge(
+            "hlsrelay_cache_inflight_bodies",
+            "Upstream media bodies being fetched and shared with their readers",
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "hlsrelay_cache_errors_total",
+            "Cache store operations that failed (and counted as misses), by operation",
+            ["operation"],
+            registry=r,
+        )
+        self.cache_prefetches = Counter(
+            "hlsrelay_cache_prefetches_total",
+            "Segments fetched ahead on a live playlist refresh",
+            registry=r,
+        )

@@ -247,6 +247,40 @@ class ProxiesSettings(_Section):
         return self
 
 
+class CacheSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    """Where cached playlists and small media objects live: this process, or a shared Redis."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis server for backend = "redis" (``redis://[:password@]host:port/db``)."""
+    redis_timeout: float = Field(0.5, gt=0)
+    """Seconds one Redis command may take; past it the lookup counts as a miss."""
+    memory_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    """Byte budget of the in-memory store; least recently used entries go first. 0 = no cache."""
+    max_object_bytes: int = Field(8 * 1024 * 1024, ge=0)
+    """Largest media object kept in the cache (and buffered whole for followers)."""
+    media_ttl: float = Field(300.0, ge=0)
+    """Seconds a segment, part or init section stays in the store; 0 = media is not stored."""
+    key_ttl: float = Field(30.0, ge=0)
+    """Seconds an encryption key stays in the store (never in shared caches); 0 = not stored."""
+    stale_if_error: float = Field(30.0, ge=0)
+    """Seconds past freshness a playlist may be served when the upstream fails; 0 = never."""
+    prefetch_segments: int = Field(0, ge=0, le=10)
+    """On a live playlist refresh, fetch this many of the newest segments ahead; 0 = off."""
+    vod_max_age: int = Field(86400, ge=1)
+    """Cache-Control max-age (seconds) of VOD / ENDLIST playlists."""
+    multivariant_max_age: int = Field(60, ge=1)
+    """Cache-Control max-age (seconds) of multivariant playlists."""
+    media_max_age: int = Field(31536000, ge=1)
+    """Cache-Control max-age (seconds) of segments, parts and init sections (immutable)."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -263,6 +297,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     upstream: UpstreamSettings = UpstreamSettings()
     proxies: ProxiesSettings = ProxiesSettings()
+    cache: CacheSettings = CacheSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -366,4 +401,15 @@ def masked(settings: Settings) -> dict[str, Any]:
     security["secret"] = "********" if settings.security.secret is not None else None
     security["api_keys"] = ["********" for _ in settings.security.api_keys]
     data["proxies"]["urls"] = [{"name": p.name, "url": p.masked_url} for p in settings.proxies.urls]
+    data["cache"]["redis_url"] = _mask_url_password(settings.cache.redis_url)
     return data
+
+
+def _mask_url_password(url: str) -> str:
+    """``url`` with whatever sits before ``@`` (user, password) masked."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}{sep}{user}:********@{hostpart}"

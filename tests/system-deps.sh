@@ -7,6 +7,9 @@ declare -A wanted=(
   [ffmpeg]=ffmpeg
   [tinyproxy]=tinyproxy
   [microsocks]=microsocks
+  [redis-server]=redis-server
+  [nginx]=nginx
+  [wrk]=wrk
   [promtool]=prometheus
   [prometheus]=prometheus
 )

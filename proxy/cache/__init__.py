@@ -1,1 +1,1 @@
-"""cache"""
+"""Cache layer: aiocache store (memory or Redis), single-flight, shared in-flight bodies."""

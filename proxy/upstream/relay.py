@@ -7,14 +7,36 @@ headers arrive, rewriting) happens here.
 Decide "rewrite or stream" once the headers are in: a playlist (by the token's kind, confirmed by
 Content-Type or a leading ``#EXTM3U``) is read whole up to ``upstream.max_playlist_bytes`` and
 rewritten; anything else is handed back open, to be streamed with backpressure and never buffered.
+
+Everything goes through the cache layer (``proxy.cache``), keyed by the stream's context token
+(its header profile), the upstream URL and the LL-HLS directives, so one stream's content is
+never served to another:
+
+* playlists: a fresh stored copy, else one single-flight fetch per key whose rewritten result is
+  stored for the policy's freshness (``proxy.hls.cache_policy``) plus ``cache.stale_if_error``;
+  when the upstream fails, the last good copy within that bound;
+* segments, parts, init sections, keys: a fresh stored copy, else a reader of the one shared
+  upstream body in flight (stored when it completes whole within ``cache.max_object_bytes``);
+* ranged requests: a slice of a stored whole object, else the upstream for this viewer alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import gzip
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from email.utils import formatdate
+from urllib.parse import urlsplit
 
-from proxy.errors import BadRequest, UpstreamError, UpstreamStatus
+from proxy import request_log
+from proxy.cache.inflight import BodyHead, BodyReader, BodySource, OnComplete
+from proxy.cache.layer import CacheLayer
+from proxy.cache.store import CachedObject, cache_key
+from proxy.errors import BadRequest, PlaylistTooLarge, UpstreamError, UpstreamStatus
+from proxy.hls.cache_policy import PolicyLimits, is_live, media_freshness, playlist_freshness
 from proxy.hls.kinds import UriKind
 from proxy.hls.rewrite import PlaylistInfo, rewrite_playlist
 from proxy.settings import Settings
@@ -28,16 +50,38 @@ _PLAYLIST_TYPES = (
 _LL_HLS_DIRECTIVES = frozenset({"_HLS_msn", "_HLS_part", "_HLS_skip"})
 # Ranges and validators are the only viewer headers that go upstream; cookies and auth never do.
 MEDIA_REQUEST_HEADERS = ("Range", "If-Range")
+# Upstream response headers a viewer gets for media, as they came (Cache-Control is hlsrelay's).
+MEDIA_RESPONSE_HEADERS = (
+    "Content-Type",
+    "Content-Length",
+    "Content-Range",
+    "Content-Encoding",
+    "Accept-Ranges",
+    "Last-Modified",
+    "ETag",
+)
 _UTF8_BOM = b"\xef\xbb\xbf"
 # Rewritten URI lines remembered over all playlists (~150 bytes each with the dict's share).
 _MAX_MEMO_LINES = 100_000
+# How often an instance waiting on another's playlist fetch (shared store) looks for its copy.
+LEASE_POLL_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
 class RewrittenPlaylist:
-    body: bytes
-    info: PlaylistInfo
-    upstream: UpstreamResponse
+    """A rewritten playlist with its response headers, and where it came from."""
+
+    entry: CachedObject
+    result: str
+    """"hit", "miss", "stale", "coalesced" (cache outcomes) or "uncached" (a ranged request)."""
+
+    @property
+    def body(self) -> bytes:
+        return self.entry.body
+
+    @property
+    def from_cache(self) -> bool:
+        return self.result in ("hit", "stale")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +91,69 @@ class MediaStream:
     upstream: UpstreamResponse
     kind: UriKind
     head: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMedia:
+    """A reader of an upstream body shared with other viewers (headers ready, bytes arriving)."""
+
+    reader: BodyReader
+    head: BodyHead
+    kind: UriKind
+
+
+@dataclass(frozen=True, slots=True)
+class CachedMedia:
+    """A media object served from the store (``byte_range``: only bytes [start, stop) of it)."""
+
+    entry: CachedObject
+    kind: UriKind
+    byte_range: tuple[int, int] | None = None
+
+
+Fetched = RewrittenPlaylist | MediaStream | SharedMedia | CachedMedia
+
+
+class _UpstreamBody:
+    """An open upstream media response as a :class:`~proxy.cache.inflight.BodySource`."""
+
+    def __init__(self, response: UpstreamResponse, head: BodyHead) -> None:
+        self._response = response
+        self.head = head
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.iter_chunks()
+
+    def abort(self) -> None:
+        self._response.close()
+
+    def finish(self) -> None:
+        self._response.release()
+
+
+def single_byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """``[start, stop)`` of a single satisfiable ``bytes=`` range over ``size`` bytes, or None."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first:  # suffix: the last N bytes
+            length = int(last)
+            return (max(0, size - length), size) if length > 0 and size > 0 else None
+        start = int(first)
+        stop = min(int(last) + 1, size) if last else size
+    except ValueError:
+        return None
+    if start < 0 or start >= size or stop <= start:
+        return None
+    return start, stop
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
 
 def looks_like_playlist(head: bytes) -> bool:
@@ -97,9 +204,15 @@ class StreamMinter:
 
 
 class StreamRelay:
-    """Fetches a proxied stream's resources and rewrites its playlists."""
+    """Fetches a proxied stream's resources, through the cache, and rewrites its playlists."""
 
-    def __init__(self, client: UpstreamClient, codec: TokenCodec, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        codec: TokenCodec,
+        settings: Settings,
+        cache: CacheLayer | None = None,
+    ) -> None:
         self._client = client
         self._codec = codec
         self._settings = settings
@@ -109,6 +222,16 @@ class StreamRelay:
         self._memo_lines = 0
         self.minter = StreamMinter(codec, settings)
         self.prefix = self.minter.prefix
+        self.cache = cache if cache is not None else CacheLayer.open(settings.cache)
+        cache_settings = settings.cache
+        self.limits = PolicyLimits(
+            vod_max_age=cache_settings.vod_max_age,
+            multivariant_max_age=cache_settings.multivariant_max_age,
+            media_max_age=cache_settings.media_max_age,
+        )
+        # A rewritten playlist depends on how children are written: instances that share a
+        # Redis store but write them differently must not share playlists.
+        self._rewrite_variant = f"{settings.server.child_uris}|{self.prefix}"
 
     def mint(self, url: str, headers: Mapping[str, str]) -> str:
         return self.minter.mint(url, headers)
@@ -127,30 +250,54 @@ class StreamRelay:
         method: str = "GET",
         query_string: str = "",
         viewer_headers: Mapping[str, str] | None = None,
-    ) -> RewrittenPlaylist | MediaStream:
-        """Open the upstream resource behind a proxied URI; raise the project's errors."""
+    ) -> Fetched:
+        """Open the upstream resource behind a proxied URI (or its cached copy).
+
+        Raises the project's errors. A ranged request is answered from a stored whole object when
+        there is one (a single range, no If-Range); otherwise it goes upstream on its own: its
+        answer is not the whole object, so it is neither shared nor stored.
+        """
         ctx, ref = self.open_tokens(ctx_token, ref_token)
+        # Named in the request's log line even when the cache answers (the host alone; an
+        # upstream request that is redirected elsewhere notes the final host instead).
+        request_log.note_upstream_host(urlsplit(ref.url).hostname)
+        viewer_headers = viewer_headers or {}
+        ranged = any(viewer_headers.get(name) is not None for name in MEDIA_REQUEST_HEADERS)
+        found: SharedMedia | CachedMedia | None = None
+        if ranged:
+            if ref.kind is not UriKind.PLAYLIST and method in ("GET", "HEAD"):
+                found = await self._stored_range(ctx_token, ref, viewer_headers)
+        elif ref.kind is UriKind.PLAYLIST:
+            return await self._playlist(ctx_token, ctx, ref, query_string)
+        elif method in ("GET", "HEAD"):
+            found = await self._media(ctx_token, ctx, ref, method)
+        if found is not None:
+            return found
+        return await self._direct(ctx_token, ctx, ref, method, query_string, viewer_headers)
+
+    async def _direct(
+        self,
+        ctx_token: str,
+        ctx: StreamContext,
+        ref: StreamRef,
+        method: str,
+        query_string: str,
+        viewer_headers: Mapping[str, str],
+    ) -> RewrittenPlaylist | MediaStream:
+        """One upstream request for this viewer alone (ranged requests, HEAD of media)."""
         headers = dict(ctx.headers)
         # A Range is forwarded whatever the kind: a minted "playlist" URL may turn out to be a
         # progressive MP4 that a player seeks in.
         for name in MEDIA_REQUEST_HEADERS:
-            value = (viewer_headers or {}).get(name)
+            value = viewer_headers.get(name)
             if value is not None:
                 headers[name] = value
+        blocking = False
         if ref.kind is UriKind.PLAYLIST:
             directives = ll_hls_query(query_string)
             url = with_query(ref.url, directives)
             blocking = "_HLS_msn" in directives
-            # A playlist is fetched whole, HEAD too: its rewritten length is what counts.
-            response = await self._client.open(
-                url,
-                headers,
-                kind="playlist",
-                first_byte_timeout=(
-                    self._settings.upstream.blocking_reload_timeout if blocking else None
-                ),
-                stream_key=ctx_token,
-            )
+            response = await self._open_playlist(url, headers, blocking, ctx_token)
         else:
             url = ref.url
             response = await self._client.open(
@@ -161,8 +308,39 @@ class StreamRelay:
                 kind=ref.kind.name.lower(),
                 stream_key=ctx_token,
             )
+        result = await self._classify_guarded(ctx_token, ctx, ref, url, response, method)
+        if isinstance(result, MediaStream):
+            return result
+        body, info = result
+        entry = self._playlist_entry(body, info, blocking=blocking)
+        return RewrittenPlaylist(entry, "uncached")
+
+    async def _open_playlist(
+        self, url: str, headers: Mapping[str, str], blocking: bool, ctx_token: str
+    ) -> UpstreamResponse:
+        # A playlist is fetched whole, HEAD too: its rewritten length is what counts.
+        return await self._client.open(
+            url,
+            headers,
+            kind="playlist",
+            first_byte_timeout=(
+                self._settings.upstream.blocking_reload_timeout if blocking else None
+            ),
+            stream_key=ctx_token,
+        )
+
+    async def _classify_guarded(
+        self,
+        ctx_token: str,
+        ctx: StreamContext,
+        ref: StreamRef,
+        url: str,
+        response: UpstreamResponse,
+        method: str,
+        collect: list[tuple[str, UriKind]] | None = None,
+    ) -> tuple[bytes, PlaylistInfo] | MediaStream:
         try:
-            return await self._classify(ctx_token, ctx, ref, url, response, method)
+            return await self._classify(ctx_token, ctx, ref, url, response, method, collect)
         except UpstreamError as exc:
             response.close()
             self._client.count_error(exc.code)
@@ -179,7 +357,8 @@ class StreamRelay:
         url: str,
         response: UpstreamResponse,
         method: str,
-    ) -> RewrittenPlaylist | MediaStream:
+        collect: list[tuple[str, UriKind]] | None = None,
+    ) -> tuple[bytes, PlaylistInfo] | MediaStream:
         status = response.status
         if status == 416:
             return MediaStream(
@@ -199,8 +378,278 @@ class StreamRelay:
                 return MediaStream(response, ref.kind, head)
         body = await response.read_capped(self._settings.upstream.max_playlist_bytes, head)
         response.release()
-        rewritten, info = self.rewrite(ctx_token, ctx, body, response.final_url, url, ref.imports)
-        return RewrittenPlaylist(rewritten, info, response)
+        return self.rewrite(
+            ctx_token, ctx, body, response.final_url, url, ref.imports, collect=collect
+        )
+
+    # -- playlists: single-flight, stored rewritten, stale-if-error ------------------------------
+
+    def _playlist_entry(
+        self,
+        body: bytes,
+        info: PlaylistInfo,
+        *,
+        blocking: bool,
+        previous: CachedObject | None = None,
+    ) -> CachedObject:
+        freshness = playlist_freshness(info, blocking=blocking, limits=self.limits)
+        now = time.time()
+        etag = _etag(body)
+        # An unchanged playlist keeps its Last-Modified, so If-Modified-Since keeps matching.
+        last_modified = (
+            previous.header("Last-Modified")
+            if previous is not None and previous.header("ETag") == etag
+            else None
+        ) or formatdate(now, usegmt=True)
+        headers = (
+            ("Content-Type", PLAYLIST_CONTENT_TYPE),
+            ("Cache-Control", freshness.cache_control),
+            ("ETag", etag),
+            ("Last-Modified", last_modified),
+            ("Vary", "Accept-Encoding"),
+        )
+        compressed = gzip.compress(body, compresslevel=6, mtime=0) if len(body) > 512 else b""
+        return CachedObject(body, headers, now, freshness.fresh_for, compressed)
+
+    async def _playlist(
+        self, ctx_token: str, ctx: StreamContext, ref: StreamRef, query_string: str
+    ) -> RewrittenPlaylist | MediaStream:
+        directives = ll_hls_query(query_string)
+        url = with_query(ref.url, directives)
+        blocking = "_HLS_msn" in directives
+        cache = self.cache
+        key = cache_key("pl", self._rewrite_variant, ctx_token, url)
+        cached = await cache.store.get(key)
+        if cached is not None and cached.is_fresh():
+            cache.count("hit")
+            return RewrittenPlaylist(cached, "hit")
+
+        # A minted playlist URL may turn out to be media (a progressive file, a live TS stream):
+        # the fetch that found it hands the open response to the request that started it.
+        media: list[MediaStream] = []
+        leader_gone = False
+
+        async def refresh() -> CachedObject | None:
+            lease_for = self._settings.upstream.first_byte_timeout
+            if blocking:
+                lease_for = self._settings.upstream.blocking_reload_timeout
+            if not await cache.store.lease(key, lease_for):
+                # Another instance sharing the store is fetching it: wait for its copy.
+                filled = await self._filled_elsewhere(key, cached, lease_for)
+                if filled is not None:
+                    return filled
+            try:
+                return await fetch_and_store()
+            finally:
+                await cache.store.release(key)
+
+        async def fetch_and_store() -> CachedObject | None:
+            collect: list[tuple[str, UriKind]] | None = (
+                [] if cache.settings.prefetch_segments else None
+            )
+            response = await self._open_playlist(url, dict(ctx.headers), blocking, ctx_token)
+            result = await self._classify_guarded(
+                ctx_token, ctx, ref, url, response, "GET", collect
+            )
+            if isinstance(result, MediaStream):
+                if leader_gone:
+                    result.upstream.close()
+                else:
+                    media.append(result)
+                return None
+            body, info = result
+            entry = self._playlist_entry(body, info, blocking=blocking, previous=cached)
+            await cache.store.set(key, entry, entry.fresh_for + cache.settings.stale_if_error)
+            if collect and is_live(info) and info.part_target is None:
+                self._prefetch(ctx_token, ctx, collect, cache.settings.prefetch_segments)
+            return entry
+
+        try:
+            entry, led = await cache.playlists.coalesce(key, refresh)
+        except UpstreamError as exc:
+            if cached is not None and self._stale_allowed(cached, exc):
+                cache.count("stale")
+                return RewrittenPlaylist(cached, "stale")
+            raise
+        except BaseException:
+            leader_gone = True
+            for stream in media:
+                stream.upstream.close()
+            raise
+        if entry is not None:
+            cache.count("miss" if led else "coalesced")
+            return RewrittenPlaylist(entry, "miss" if led else "coalesced")
+        if led and media:
+            cache.count("miss")
+            return media.pop()
+        # Joined a fetch that found media: that response belongs to its leader; open our own.
+        cache.count("miss")
+        return await self._direct(ctx_token, ctx, ref, "GET", query_string, {})
+
+    async def _filled_elsewhere(
+        self, key: str, cached: CachedObject | None, wait_for: float
+    ) -> CachedObject | None:
+        """The copy another instance stores for ``key`` within ``wait_for`` s, or None."""
+        deadline = time.monotonic() + wait_for
+        while time.monotonic() < deadline:
+            await asyncio.sleep(LEASE_POLL_S)
+            store = self.cache.store
+            entry = await store.get(key)
+            if entry is not None and (cached is None or entry.stored_at > cached.stored_at):
+                return entry
+            if not await store.leased(key):
+                return None  # its fetch failed or was given up: try ourselves
+        return None
+
+    def _stale_allowed(self, cached: CachedObject, exc: UpstreamError) -> bool:
+        if isinstance(exc, UpstreamStatus) and exc.upstream_status < 500:
+            return False  # the upstream answered: a 404/403 is news, not an outage
+        if isinstance(exc, PlaylistTooLarge):
+            return False
+        return cached.age() < cached.fresh_for + self.cache.settings.stale_if_error
+
+    # -- media: store, then shared in-flight bodies ---------------------------------------------
+
+    def _media_ttl(self, kind: UriKind) -> float:
+        settings = self.cache.settings
+        if kind is UriKind.KEY:
+            return settings.key_ttl
+        if kind is UriKind.PLAYLIST:
+            return 0.0  # media behind a top-level URL: a live stream or a large file
+        return settings.media_ttl
+
+    def _media_key(self, ctx_token: str, url: str, kind: UriKind) -> str:
+        return cache_key("md", ctx_token, url, str(int(kind)))
+
+    async def _media(
+        self, ctx_token: str, ctx: StreamContext, ref: StreamRef, method: str
+    ) -> SharedMedia | CachedMedia | None:
+        """The stored object, or a reader of the shared upstream body (None: go direct)."""
+        if ref.kind is UriKind.PLAYLIST:
+            return None
+        cache = self.cache
+        key = self._media_key(ctx_token, ref.url, ref.kind)
+        ttl = self._media_ttl(ref.kind)
+        if ttl > 0:
+            cached = await cache.store.get(key)
+            if cached is not None and cached.is_fresh():
+                cache.count("hit")
+                return CachedMedia(cached, ref.kind)
+        if method != "GET":
+            return None
+        reader = cache.bodies.join(key)
+        if reader is not None:
+            cache.count("coalesced")
+        else:
+            cache.count("miss")
+            reader = await cache.bodies.open(
+                key,
+                self._media_opener(ctx, ref.url, ref.kind, ctx_token),
+                self._media_storer(key, ttl) if ttl > 0 else None,
+            )
+        try:
+            head = await reader.head()
+        except BaseException:
+            reader.close()
+            raise
+        return SharedMedia(reader, head, ref.kind)
+
+    async def _stored_range(
+        self, ctx_token: str, ref: StreamRef, viewer_headers: Mapping[str, str]
+    ) -> CachedMedia | None:
+        range_header = viewer_headers.get("Range")
+        if range_header is None or viewer_headers.get("If-Range") is not None:
+            return None
+        if self._media_ttl(ref.kind) <= 0:
+            return None
+        cached = await self.cache.store.get(self._media_key(ctx_token, ref.url, ref.kind))
+        if cached is None or not cached.is_fresh():
+            return None
+        byte_range = single_byte_range(range_header, len(cached.body))
+        if byte_range is None:
+            return None  # several ranges, or none satisfiable: the upstream answers those
+        self.cache.count("hit")
+        return CachedMedia(cached, ref.kind, byte_range)
+
+    def _media_opener(
+        self, ctx: StreamContext, url: str, kind: UriKind, stream_key: str
+    ) -> Callable[[], Awaitable[BodySource]]:
+        freshness = media_freshness(kind, self.limits)
+
+        async def opener() -> BodySource:
+            response = await self._client.open(
+                url,
+                dict(ctx.headers),
+                decompress=False,
+                kind=kind.name.lower(),
+                stream_key=stream_key,
+            )
+            if response.status >= 300:
+                response.close()
+                self._client.count_error(UpstreamStatus.code)
+                raise UpstreamStatus(response.status)
+            headers = [
+                (name, value)
+                for name in MEDIA_RESPONSE_HEADERS
+                if (value := response.headers.get(name)) is not None
+            ]
+            upstream_cc = response.headers.get("Cache-Control", "")
+            if "no-store" in upstream_cc.lower():
+                headers.append(("X-Hlsrelay-No-Store", "1"))  # internal: stripped before sending
+            headers.append(("Cache-Control", freshness.cache_control))
+            head = BodyHead(response.status, tuple(headers), response.raw.content_length)
+            return _UpstreamBody(response, head)
+
+        return opener
+
+    def _media_storer(self, key: str, ttl: float) -> OnComplete:
+        store = self.cache.store
+
+        async def on_complete(head: BodyHead, body: bytes) -> None:
+            if head.status != 200 or any(name == "X-Hlsrelay-No-Store" for name, _ in head.headers):
+                return
+            if head.length is not None and head.length != len(body):
+                return  # never store a body that is not what the upstream announced
+            headers = tuple(
+                (name, value)
+                for name, value in head.headers
+                if name not in ("Content-Length", "X-Hlsrelay-No-Store")
+            )
+            await store.set(key, CachedObject(body, headers, time.time(), ttl), ttl)
+
+        return on_complete
+
+    def _prefetch(
+        self,
+        ctx_token: str,
+        ctx: StreamContext,
+        children: list[tuple[str, UriKind]],
+        count: int,
+    ) -> None:
+        """Start fetching the newest ``count`` segments of a refreshed live playlist."""
+        newest = [url for url, kind in children if kind is UriKind.MEDIA][-count:]
+        cache = self.cache
+        ttl = self._media_ttl(UriKind.MEDIA)
+        if not newest or ttl <= 0:
+            return
+
+        async def prefetch() -> None:
+            for url in newest:
+                key = self._media_key(ctx_token, url, UriKind.MEDIA)
+                if key in cache.bodies or await cache.store.get(key) is not None:
+                    continue
+                if key in cache.bodies:  # started while the store answered
+                    continue
+                cache.metrics.cache_prefetches.inc()
+                cache.bodies.start(
+                    key,
+                    self._media_opener(ctx, url, UriKind.MEDIA, ctx_token),
+                    self._media_storer(key, ttl),
+                )
+
+        cache.tasks.spawn(prefetch(), name="prefetch")
+
+    # -- rewriting ------------------------------------------------------------------------------
 
     def rewrite(
         self,
@@ -210,7 +659,10 @@ class StreamRelay:
         final_url: str,
         request_url: str,
         imports: Mapping[str, str],
+        *,
+        collect: list[tuple[str, UriKind]] | None = None,
     ) -> tuple[bytes, PlaylistInfo]:
+        """Rewrite ``body``; ``collect`` (when given) receives every child URL and its kind."""
         codec = self._codec
         if self._relative:
             # The playlist lives at .../s/{ctx}/{ref}/{name}: "../{ref}/{name}" is its sibling.
@@ -222,20 +674,28 @@ class StreamRelay:
             def map_uri(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
                 return root + codec.child_path(ctx_token, ctx, child, kind, child_imports)
 
-        memo_key = (ctx_token, final_url)
-        memo = self._line_memos.pop(memo_key, None)  # re-inserted below: most recent last
-        if memo is None:
-            memo = {}
-        self._line_memos[memo_key] = memo
-        before = len(memo)
+        mapper = map_uri
+        memo: dict[bytes, bytes] | None = None
+        if collect is not None:
+            # Prefetch needs every child, so the line memo (which skips the mapper) stays out.
+            def mapper(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
+                collect.append((child, kind))
+                return map_uri(child, kind, child_imports)
+        else:
+            memo_key = (ctx_token, final_url)
+            memo = self._line_memos.pop(memo_key, None) or {}  # re-inserted: most recent last
+            self._line_memos[memo_key] = memo
+        before = len(memo) if memo is not None else 0
         result = rewrite_playlist(
             body,
             final_url,
-            map_uri,
+            mapper,
             request_url=request_url,
             imported=imports or None,
             line_memo=memo,
         )
+        if memo is None:
+            return result
         if len(memo) > 2 * result[1].uri_count + 64:
             # A live window slid far past what is remembered: start the memo again.
             memo.clear()
@@ -247,9 +707,13 @@ class StreamRelay:
 
 
 __all__ = [
+    "MEDIA_RESPONSE_HEADERS",
     "PLAYLIST_CONTENT_TYPE",
+    "CachedMedia",
+    "Fetched",
     "MediaStream",
     "RewrittenPlaylist",
+    "SharedMedia",
     "StreamMinter",
     "StreamRelay",
     "display_name",

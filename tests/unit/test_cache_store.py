@@ -1,0 +1,213 @@
+"""The cache mechanisms alone: LRU byte budget, entry format, single-flight, shared bodies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.cache.inflight import BodyHead, SharedBodies
+from proxy.cache.singleflight import SingleFlight
+from proxy.cache.store import (
+    CachedObject,
+    EntrySerializer,
+    LruMemoryCache,
+    ObjectStore,
+    cache_key,
+)
+from proxy.cache.tasks import BackgroundTasks
+from proxy.errors import UpstreamUnreachable
+
+
+def entry(body: bytes, fresh_for: float = 10.0) -> CachedObject:
+    return CachedObject(body, (("Content-Type", "video/mp2t"),), 1000.0, fresh_for)
+
+
+async def test_lru_keeps_to_its_byte_budget_and_evicts_least_recently_used() -> None:
+    cache = LruMemoryCache(max_bytes=3 * (100 + 256))
+    store = ObjectStore(cache, backend="memory")
+    for name in ("a", "b", "c"):
+        await store.set(name, entry(name.encode() * 100), ttl=60)
+    assert await store.get("a") is not None  # "a" is now the most recently used
+    await store.set("d", entry(b"d" * 100), ttl=60)
+    assert await store.get("b") is None  # the least recently used went
+    assert {k for k in ("a", "c", "d") if await store.get(k)} == {"a", "c", "d"}
+    assert store.entries == 3 and store.bytes <= cache.max_bytes
+    assert cache.evictions == 1
+
+
+async def test_lru_refuses_an_object_larger_than_the_budget_and_honours_ttl() -> None:
+    store = ObjectStore(LruMemoryCache(max_bytes=1000), backend="memory")
+    await store.set("big", entry(b"x" * 2000), ttl=60)
+    assert await store.get("big") is None and store.bytes == 0
+    await store.set("short", entry(b"x"), ttl=0.05)
+    assert await store.get("short") is not None
+    await asyncio.sleep(0.06)
+    assert await store.get("short") is None and store.bytes == 0
+
+
+async def test_zero_budget_stores_nothing() -> None:
+    store = ObjectStore(LruMemoryCache(max_bytes=0), backend="memory")
+    await store.set("k", entry(b"x"), ttl=60)
+    assert await store.get("k") is None
+
+
+def test_entry_serializer_round_trips_bytes_exactly() -> None:
+    original = CachedObject(
+        bytes(range(256)) * 3,
+        (("Content-Type", "application/vnd.apple.mpegurl"), ("ETag", '"abc"')),
+        1700000000.25,
+        3.0,
+        b"\x1f\x8b gzip",
+    )
+    serializer = EntrySerializer()
+    assert serializer.encoding is None  # raw bytes to and from Redis, never text
+    assert serializer.loads(serializer.dumps(original)) == original
+    assert serializer.loads(None) is None
+    assert serializer.loads(b"not an entry") is None
+    assert serializer.loads(b"HR1\x00\x00\x00\x05{bad") is None
+
+
+def test_cache_keys_are_hashes() -> None:
+    key = cache_key("md", "ctx-token", "https://cdn.example.com/seg1.ts?token=secret")
+    assert "cdn.example.com" not in key and "secret" not in key
+    assert key.startswith("hlsrelay:1:md:")
+    assert key != cache_key("md", "other-ctx", "https://cdn.example.com/seg1.ts?token=secret")
+
+
+async def test_single_flight_runs_the_factory_once_and_survives_the_leader_leaving() -> None:
+    tasks = BackgroundTasks()
+    flight: SingleFlight[int] = SingleFlight(tasks, "test")
+    calls = 0
+    release = asyncio.Event()
+
+    async def factory() -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 42
+
+    leader = asyncio.ensure_future(flight.coalesce("k", factory))
+    await asyncio.sleep(0)
+    followers = [asyncio.ensure_future(flight.coalesce("k", factory)) for _ in range(5)]
+    await asyncio.sleep(0)
+    leader.cancel()
+    release.set()
+    results = await asyncio.gather(*followers)
+    assert results == [(42, False)] * 5 and calls == 1
+    assert len(flight) == 0
+    await tasks.close()
+
+
+async def test_single_flight_hands_every_caller_the_error() -> None:
+    tasks = BackgroundTasks()
+    flight: SingleFlight[int] = SingleFlight(tasks, "test")
+
+    async def factory() -> int:
+        await asyncio.sleep(0.01)
+        raise UpstreamUnreachable("down")
+
+    results = await asyncio.gather(
+        *(flight.coalesce("k", factory) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, UpstreamUnreachable) for r in results)
+    await tasks.close()
+
+
+class FakeSource:
+    """A body source fed by the test (the real one is an upstream response: see integration)."""
+
+    def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
+        self.head = BodyHead(200, (), None)
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        for chunk in chunks:
+            self.queue.put_nowait(chunk)
+        self.fail_after = fail_after
+        self.finished = self.aborted = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        count = 0
+        while (chunk := await self.queue.get()) is not None:
+            if self.fail_after is not None and count == self.fail_after:
+                raise UpstreamUnreachable("upstream body was cut short")
+            count += 1
+            yield chunk
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+async def test_late_joiner_reads_what_arrived_then_follows() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one", b"two"])
+    stored: list[bytes] = []
+
+    async def opener() -> FakeSource:
+        return source
+
+    async def on_complete(head: BodyHead, body: bytes) -> None:
+        stored.append(body)
+
+    first = bodies.start("k", opener, on_complete).reader()
+    assert await first.head() == source.head
+    got_first = [await first.__anext__(), await first.__anext__()]
+    late = bodies.join("k")
+    assert late is not None
+    source.queue.put_nowait(b"three")
+    source.queue.put_nowait(None)
+    got_first += [chunk async for chunk in first]
+    got_late = [chunk async for chunk in late]
+    assert got_first == got_late == [b"one", b"two", b"three"]
+    await asyncio.sleep(0)
+    assert stored == [b"onetwothree"] and source.finished
+    assert bodies.join("k") is None
+    await tasks.close()
+
+
+async def test_failed_body_aborts_every_reader_and_is_not_stored() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"a", b"b", b"c", None], fail_after=2)
+    stored: list[bytes] = []
+
+    async def opener() -> FakeSource:
+        return source
+
+    async def on_complete(head: BodyHead, body: bytes) -> None:
+        stored.append(body)
+
+    body = bodies.start("k", opener, on_complete)
+    readers = [body.reader() for _ in range(3)]
+    for reader in readers:
+        with pytest.raises(UpstreamUnreachable):
+            async for _ in reader:
+                pass
+    assert stored == [] and source.aborted
+    assert bodies.join("k") is None
+    await tasks.close()
+
+
+async def test_spilled_body_stays_within_its_window_and_takes_no_joiners() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=10, window_bytes=8)
+    source = FakeSource([b"x" * 4] * 10 + [None])
+
+    async def opener() -> FakeSource:
+        return source
+
+    body = bodies.start("k", opener)
+    reader = body.reader()
+    first = await reader.__anext__()
+    await asyncio.sleep(0.01)
+    # The pump stopped once 8 bytes were unread by the slowest reader, and dropped what it had read.
+    assert body.spilled and bodies.join("k") is None
+    assert body.size - body._unread_from <= 8 + 4
+    rest = [chunk async for chunk in reader]
+    assert b"".join([first, *rest]) == b"x" * 40
+    reader.close()
+    await tasks.close()
