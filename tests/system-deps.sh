@@ -12,6 +12,7 @@ declare -A wanted=(
   [wrk]=wrk
   [promtool]=prometheus
   [prometheus]=prometheus
+  [yq]=yq
 )
 missing=()
 for bin in "${!wanted[@]}"; do
