@@ -42,6 +42,10 @@ class Metrics:
     )
 
     def __post_init__(self) -> None:
+        # Labelled children of the per-request metrics, by (route, status // 100): labels()
+        # takes a lock and validates its values, twice per request otherwise. Bounded: route
+        # names times five status classes.
+        self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         r = self.registry
         # No *_created series: a timestamp per labelled child doubles the series count and no
         # dashboard or rule here reads it. (A process-wide switch of prometheus-client.)
@@ -191,3 +195,16 @@ class Metrics:
             "Segments fetched ahead on a live playlist refresh",
             registry=r,
         )
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration (the metrics middleware calls this)."""
+        key = (route, status // 100)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, status_class(status)),
+                self.request_duration.labels(route),
+            )
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -10,7 +10,6 @@ from aiohttp import web
 
 from proxy import request_log
 from proxy.errors import HlsRelayError
-from proxy.metrics import status_class
 from proxy.request_log import RequestFacts
 from proxy.web.keys import METRICS, REQUEST_FACTS
 
@@ -77,8 +76,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         request_log.end(token)
         metrics.in_flight.dec()
-        metrics.requests.labels(route, status_class(status)).inc()
-        metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        metrics.request_done(route, status, time.perf_counter() - started)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -1,0 +1,302 @@
+"""Benchmark of observability: what metrics cost on the request path.
+
+**Metrics overhead, one core.** Two ``python -m proxy serve`` processes, both pinned to CPU 0
+(``taskset``), the shipped config plus env overrides: one as shipped, one started through a
+launcher that switches metrics off by monkeypatching (prometheus-client's ``inc``, ``dec``,
+``set``, ``observe`` become no-ops and ``labels()`` returns the metric itself, so no label
+lookup happens; the metrics middleware is replaced by one that only keeps the request's log
+facts). Nothing in the shipped code changes for the measurement, so no ``server.metrics``
+switch exists. ``wrk`` (pinned to CPU 1) drives each in turn, rounds alternating, on:
+
+* ``/healthz``: the smallest answer, where the fixed cost per request shows most;
+* a cached segment (``/s/...``, 18.8 KB, served from the memory store after the first fetch):
+  token decoding, the cache, the relayed-bytes counter, the access log;
+* an uncached segment: ``cache.memory_bytes = 0``, each request goes to the origin (nginx
+  serving a static file, pinned to CPU 1): upstream counters, TTFB histogram, bytes in.
+
+Access logs are on (text, to /dev/null) in both: they are logging, not metrics. Every process
+is stopped by its PID. Nothing asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.hls.kinds import UriKind
+from proxy.tokens import TokenCodec
+from tests.bench.bench_core import (
+    BENCH_SECRET,
+    REPO,
+    SHIPPED_CONFIG,
+    Spread,
+    Started,
+    _free_port,
+    _wait_ready,
+    machine,
+    started,
+)
+
+WRK_SECONDS = 4
+WRK_CONNECTIONS = 32
+SEGMENT_BYTES = 188 * 100
+
+# Started as `python -c NO_METRICS serve --config ...`: the same server, metrics switched off.
+NO_METRICS = """
+import sys
+from aiohttp import web
+import prometheus_client.metrics as m
+from proxy import request_log
+from proxy.web.keys import REQUEST_FACTS
+
+def _nothing(self, *args, **kwargs):
+    return None
+
+def _itself(self, *args, **kwargs):
+    return self
+
+for cls in (m.Counter, m.Gauge, m.Histogram):
+    for name in ("inc", "dec", "set", "observe"):
+        if hasattr(cls, name):
+            setattr(cls, name, _nothing)
+m.MetricWrapperBase.labels = _itself
+
+@web.middleware
+async def facts_only(request, handler):
+    request_id = request_log.request_id_from(request.headers.get("X-Request-Id"))
+    facts = request_log.RequestFacts(request_id)
+    request[REQUEST_FACTS] = facts
+    token = request_log.begin(facts)
+    try:
+        return await handler(request)
+    finally:
+        request_log.end(token)
+
+import proxy.app
+proxy.app.metrics_middleware = facts_only
+from proxy.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _pinned(cpu: int, args: list[str]) -> list[str]:
+    if shutil.which("taskset") and len(os.sched_getaffinity(0)) > cpu:
+        return ["taskset", "-c", str(cpu), *args]
+    return args
+
+
+def _wrk(url: str) -> tuple[float, int]:
+    """Requests/s and non-2xx count of one wrk run pinned to CPU 1."""
+    out = subprocess.run(
+        _pinned(1, ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{WRK_SECONDS}s", url]),
+        capture_output=True, text=True, timeout=WRK_SECONDS + 30, check=True,
+    ).stdout  # fmt: skip
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if rate is None:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    return float(rate.group(1)), int(errors.group(1)) if errors else 0
+
+
+@contextlib.contextmanager
+def static_origin() -> Iterator[str]:
+    """nginx serving one segment file on a loopback port, pinned to CPU 1."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="hlsrelay-bench-origin-") as tmp:
+        root = Path(tmp)
+        (root / "tmp").mkdir()
+        (root / "www").mkdir()
+        (root / "www" / "seg.ts").write_bytes(b"\x47" * SEGMENT_BYTES)
+        (root / "nginx.conf").write_text(
+            "worker_processes 1; pid nginx.pid; error_log error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http { access_log off; client_body_temp_path tmp; proxy_temp_path tmp;\n"
+            "  fastcgi_temp_path tmp; uwsgi_temp_path tmp; scgi_temp_path tmp;\n"
+            "  keepalive_requests 1000000;\n"
+            f"  server {{ listen 127.0.0.1:{port}; root {root / 'www'};\n"
+            "    location = /healthz { return 200 ok; } } }\n"
+        )
+        directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        args = [nginx, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", "error.log"]
+        with started("origin", _pinned(1, [*args, "-g", directives]), dict(os.environ)) as proc:
+            _wait_ready(proc, f"http://127.0.0.1:{port}/healthz")
+            yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def relay(metrics: bool, **env: str) -> Iterator[str]:
+    port = _free_port()
+    environ = {
+        **os.environ,
+        "HLSRELAY_SERVER__HOST": "127.0.0.1",
+        "HLSRELAY_SERVER__PORT": str(port),
+        "HLSRELAY_SECURITY__SECRET": BENCH_SECRET,
+        "HLSRELAY_UPSTREAM__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    environ.pop("HLSRELAY_CONFIG", None)
+    launcher = ["-m", "proxy"] if metrics else ["-c", NO_METRICS]
+    args = _pinned(0, [sys.executable, *launcher, "serve", "--config", str(SHIPPED_CONFIG)])
+    name = "hlsrelay" if metrics else "hlsrelay-without-metrics"
+    # stdout (access log lines) goes to a temp file that `started` keeps; logging is the same
+    # in both variants.
+    with started(name, args, environ) as proc:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
+        yield f"http://127.0.0.1:{port}"
+
+
+def segment_path(origin: str) -> str:
+    codec = TokenCodec(BENCH_SECRET.encode())
+    url = f"{origin}/seg.ts"
+    ctx = codec.mint_context(url, {})
+    return f"/s/{ctx}/" + codec.child_path(ctx, codec.open_context(ctx), url, UriKind.MEDIA)
+
+
+@dataclass(frozen=True)
+class OverheadFigure:
+    workload: str
+    with_metrics: Spread
+    without_metrics: Spread
+    errors: int
+
+    @property
+    def overhead(self) -> float:
+        return 1 - self.with_metrics.median / self.without_metrics.median
+
+
+def measure_overhead(rounds: int) -> list[OverheadFigure]:
+    figures = []
+    with static_origin() as origin:
+        path = segment_path(origin)
+        store_off = {"HLSRELAY_CACHE__MEMORY_BYTES": "0"}
+        workloads = [
+            ("/healthz", "/healthz", {}),
+            ("cached segment (18.8 KB, memory store)", path, {}),
+            ("uncached segment (18.8 KB from the origin)", path, store_off),
+        ]
+        for label, target, env in workloads:
+            rates: dict[bool, list[float]] = {True: [], False: []}
+            errors = 0
+            with relay(True, **env) as on, relay(False, **env) as off:
+                for base in (on, off):
+                    _wrk(base + target)  # warm-up (and the cache filled): not recorded
+                for _ in range(rounds):
+                    for metrics, base in ((True, on), (False, off)):
+                        rate, failed = _wrk(base + target)
+                        rates[metrics].append(rate)
+                        errors += failed
+            figures.append(
+                OverheadFigure(label, Spread.of(rates[True]), Spread.of(rates[False]), errors)
+            )
+    return figures
+
+
+@dataclass(frozen=True)
+class UpdateCost:
+    what: str
+    microseconds: Spread
+
+
+def measure_update_costs(rounds: int) -> list[UpdateCost]:
+    """In-process cost of the metric updates one request makes (timeit; immune to the load of
+    other processes that blurs the req/s figures on a shared machine)."""
+    import timeit
+
+    from proxy.metrics import Metrics
+
+    m = Metrics()
+    relayed = m.bytes_out
+    upstream = m.upstream_requests
+    ttfb = m.upstream_ttfb
+    received = m.upstream_bytes
+
+    def middleware() -> None:
+        m.in_flight.inc()
+        m.in_flight.dec()
+        m.request_done("stream", 200, 0.0123)
+
+    def upstream_request() -> None:
+        upstream.labels("media").inc()
+        ttfb.labels("media").observe(0.004)
+        received.labels("media").inc(SEGMENT_BYTES)
+        relayed.labels("media").inc(SEGMENT_BYTES)
+
+    loops = 100_000
+    costs = []
+    for what, fn in (
+        ("every request (middleware: in-flight, counter, histogram)", middleware),
+        ("plus an upstream fetch (counter, TTFB histogram, bytes in and out)", upstream_request),
+    ):
+        samples = [timeit.timeit(fn, number=loops) / loops * 1e6 for _ in range(rounds)]
+        costs.append(UpdateCost(what, Spread.of(samples)))
+    return costs
+
+
+def render(
+    overhead: list[OverheadFigure], costs: list[UpdateCost], rounds: int, command: str
+) -> str:
+    lines = [
+        "## Observability",
+        "",
+        f"`{command}` ({rounds} rounds; hlsrelay pinned to CPU 0, wrk and the origin to CPU 1; "
+        f"wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s)",
+        "",
+        "### Metrics overhead on the request path (requests/s on one core)",
+        "",
+        "| workload | with metrics | without metrics | overhead |",
+        "|---|---|---|---|",
+    ]
+    for f in overhead:
+        lines.append(
+            f"| {f.workload} | {f.with_metrics.show('req/s', 0)} | "
+            f"{f.without_metrics.show('req/s', 0)} | {f.overhead * 100:.1f} % |"
+        )
+    lines += [
+        "",
+        "Without metrics = prometheus-client's updates made no-ops and the metrics middleware "
+        "removed, by monkeypatching at start (see the module docstring). Non-2xx responses in "
+        f"all runs: {sum(f.errors for f in overhead)}.",
+        "",
+        "### Metric updates per request, in-process (timeit, 100 000 loops a round)",
+        "",
+        "| updates | cost |",
+        "|---|---|",
+        *(f"| {c.what} | {c.microseconds.show('µs', 2)} |" for c in costs),
+        "",
+        "Machine: " + "; ".join(f"{name}: {value}" for name, value in machine().items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(rounds: int = 5) -> str:
+    command = "python -m tests.bench.bench_observability" + (
+        f" --rounds {rounds}" if rounds != 5 else ""
+    )
+    return render(measure_overhead(rounds), measure_update_costs(rounds), rounds, command)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_observability")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    print(run(args.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["Started", "run"]
