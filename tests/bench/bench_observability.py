@@ -41,6 +41,7 @@ from tests.bench.bench_core import (
     Spread,
     Started,
     _free_port,
+    _proc_cpu_seconds,
     _wait_ready,
     machine,
     started,
@@ -94,17 +95,18 @@ def _pinned(cpu: int, args: list[str]) -> list[str]:
     return args
 
 
-def _wrk(url: str) -> tuple[float, int]:
-    """Requests/s and non-2xx count of one wrk run pinned to CPU 1."""
+def _wrk(url: str) -> tuple[float, int, int]:
+    """Requests/s, non-2xx count and requests done of one wrk run pinned to CPU 1."""
     out = subprocess.run(
         _pinned(1, ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{WRK_SECONDS}s", url]),
         capture_output=True, text=True, timeout=WRK_SECONDS + 30, check=True,
     ).stdout  # fmt: skip
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if rate is None:
+    done = re.search(r"(\d+) requests in", out)
+    if rate is None or done is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}")
-    return float(rate.group(1)), int(errors.group(1)) if errors else 0
+    return float(rate.group(1)), int(errors.group(1)) if errors else 0, int(done.group(1))
 
 
 @contextlib.contextmanager
@@ -134,7 +136,7 @@ def static_origin() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def relay(metrics: bool, **env: str) -> Iterator[str]:
+def relay(metrics: bool, **env: str) -> Iterator[tuple[str, int]]:
     port = _free_port()
     environ = {
         **os.environ,
@@ -153,7 +155,7 @@ def relay(metrics: bool, **env: str) -> Iterator[str]:
     # in both variants.
     with started(name, args, environ) as proc:
         _wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.proc.pid
 
 
 def segment_path(origin: str) -> str:
@@ -168,11 +170,15 @@ class OverheadFigure:
     workload: str
     with_metrics: Spread
     without_metrics: Spread
+    cpu_with_us: Spread
+    cpu_without_us: Spread
     errors: int
 
     @property
     def overhead(self) -> float:
-        return 1 - self.with_metrics.median / self.without_metrics.median
+        """Extra CPU time per request that metrics cost (the throughput figures on a shared
+        machine move with other processes' load far more than this)."""
+        return self.cpu_with_us.median / self.cpu_without_us.median - 1
 
 
 def measure_overhead(rounds: int) -> list[OverheadFigure]:
@@ -187,17 +193,28 @@ def measure_overhead(rounds: int) -> list[OverheadFigure]:
         ]
         for label, target, env in workloads:
             rates: dict[bool, list[float]] = {True: [], False: []}
+            cpu_us: dict[bool, list[float]] = {True: [], False: []}
             errors = 0
             with relay(True, **env) as on, relay(False, **env) as off:
-                for base in (on, off):
+                for base, _pid in (on, off):
                     _wrk(base + target)  # warm-up (and the cache filled): not recorded
                 for _ in range(rounds):
-                    for metrics, base in ((True, on), (False, off)):
-                        rate, failed = _wrk(base + target)
+                    for metrics, (base, pid) in ((True, on), (False, off)):
+                        before = _proc_cpu_seconds(pid)
+                        rate, failed, done = _wrk(base + target)
+                        cpu = _proc_cpu_seconds(pid) - before
                         rates[metrics].append(rate)
+                        cpu_us[metrics].append(cpu / max(1, done) * 1e6)
                         errors += failed
             figures.append(
-                OverheadFigure(label, Spread.of(rates[True]), Spread.of(rates[False]), errors)
+                OverheadFigure(
+                    label,
+                    Spread.of(rates[True]),
+                    Spread.of(rates[False]),
+                    Spread.of(cpu_us[True]),
+                    Spread.of(cpu_us[False]),
+                    errors,
+                )
             )
     return figures
 
@@ -254,19 +271,24 @@ def render(
         "",
         "### Metrics overhead on the request path (requests/s on one core)",
         "",
-        "| workload | with metrics | without metrics | overhead |",
-        "|---|---|---|---|",
+        "| workload | req/s with metrics | req/s without | CPU/request with | CPU/request "
+        "without | overhead (CPU) |",
+        "|---|---|---|---|---|---|",
     ]
     for f in overhead:
         lines.append(
-            f"| {f.workload} | {f.with_metrics.show('req/s', 0)} | "
-            f"{f.without_metrics.show('req/s', 0)} | {f.overhead * 100:.1f} % |"
+            f"| {f.workload} | {f.with_metrics.show('', 0)} | {f.without_metrics.show('', 0)} | "
+            f"{f.cpu_with_us.show('µs', 0)} | {f.cpu_without_us.show('µs', 0)} | "
+            f"{f.overhead * 100:+.1f} % |"
         )
     lines += [
         "",
         "Without metrics = prometheus-client's updates made no-ops and the metrics middleware "
-        "removed, by monkeypatching at start (see the module docstring). Non-2xx responses in "
-        f"all runs: {sum(f.errors for f in overhead)}.",
+        "removed, by monkeypatching at start (see the module docstring). CPU/request = the "
+        "server process's user+system CPU time over a run (from /proc) divided by the requests "
+        "wrk completed: on a machine shared with other work, req/s moves with their load, CPU "
+        "per request much less. Non-2xx responses in all runs: "
+        f"{sum(f.errors for f in overhead)}.",
         "",
         "### Metric updates per request, in-process (timeit, 100 000 loops a round)",
         "",
