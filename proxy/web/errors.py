@@ -67,7 +67,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_FACTS] = facts
     token = request_log.begin(facts)
     started = time.perf_counter()
-    metrics.in_flight.inc()
+    stats = metrics.http
+    stats.in_flight += 1
     status = 500
     try:
         response = await handler(request)
@@ -75,8 +76,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         request_log.end(token)
-        metrics.in_flight.dec()
-        metrics.request_done(route, status, time.perf_counter() - started)
+        stats.in_flight -= 1
+        stats.done(route, status, time.perf_counter() - started)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

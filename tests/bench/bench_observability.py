@@ -238,10 +238,12 @@ def measure_update_costs(rounds: int) -> list[UpdateCost]:
     ttfb = m.upstream_ttfb
     received = m.upstream_bytes
 
+    stats = m.http
+
     def middleware() -> None:
-        m.in_flight.inc()
-        m.in_flight.dec()
-        m.request_done("stream", 200, 0.0123)
+        stats.in_flight += 1
+        stats.in_flight -= 1
+        stats.done("stream", 200, 0.0123)
 
     def upstream_request() -> None:
         upstream.labels("media").inc()
