@@ -146,6 +146,14 @@ async def test_promtool_checks_the_alert_rules() -> None:
     assert "SUCCESS: 8 rules found" in output
 
 
+async def test_alert_rules_fire_on_synthetic_series() -> None:
+    """deploy/prometheus/alerts_test.yml: stalled channel, restart storm, proxies down, error
+    ratio (and not when idle), p99 latency (raw-TS viewers left out), instance down."""
+    promtool = need("promtool")
+    code, output = await run(promtool, "test", "rules", str(ALERTS.with_name("alerts_test.yml")))
+    assert code == 0, output
+
+
 async def test_every_metric_of_dashboard_and_alerts_is_exposed(
     proxy: Client, origin: Origin
 ) -> None:
