@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -17,6 +18,10 @@ from yarl import URL
 
 from proxy import __version__
 from proxy.cache.layer import CacheLayer
+from proxy.channels.catalog import ChannelCatalog
+from proxy.live.lease import ChannelLeases, LocalLeases, RedisLeases
+from proxy.live.pool import LivePool
+from proxy.live.session import remove_stale_dirs
 from proxy.metrics import Metrics, build_labels
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
@@ -27,7 +32,18 @@ from proxy.upstream.relay import StreamRelay
 from proxy.upstream.transport import TunnelConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
 from proxy.web.errors import add_request_id, error_middleware, metrics_middleware
-from proxy.web.keys import CLIENT_SESSION, METRICS, PROXY_POOL, READY, RELAY, SETTINGS
+from proxy.web.keys import (
+    BACKGROUND,
+    CHANNELS,
+    CLIENT_SESSION,
+    LIVE,
+    METRICS,
+    PROXY_POOL,
+    READY,
+    RELAY,
+    SETTINGS,
+    UPSTREAM,
+)
 from proxy.web.routes import setup_routes
 
 log = logging.getLogger("hlsrelay")
@@ -47,7 +63,9 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_live)
     app.on_shutdown.append(_not_ready)
+    app.on_shutdown.append(_stop_live)
     return app
 
 
@@ -102,6 +120,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     cache = CacheLayer.open(settings.cache, app[METRICS])
     app[CLIENT_SESSION] = session
     app[PROXY_POOL] = pool
+    app[UPSTREAM] = client
     app[RELAY] = StreamRelay(client, codec, settings, cache)
     probes: asyncio.Task[None] | None = None
     if proxies and settings.proxies.probe_url is not None:
@@ -133,3 +152,62 @@ def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
 async def _not_ready(app: web.Application) -> None:
     # Tell load balancers to stop sending work while in-flight responses finish.
     app[READY]["ready"] = False
+
+
+def _background(app: web.Application, name: str, work: Coroutine[Any, Any, None]) -> None:
+    """Start a named background task, tracked so cleanup can cancel and await it."""
+    app[BACKGROUND][name] = asyncio.create_task(work, name=name)
+
+
+async def _cancel_background(app: web.Application) -> None:
+    tasks = list(app[BACKGROUND].values())
+    app[BACKGROUND].clear()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _live(app: web.Application) -> AsyncIterator[None]:
+    """The channel catalog (lists loaded, then reloaded in the background) and the live pool."""
+    settings = app[SETTINGS]
+    client = app[UPSTREAM]
+    catalog = ChannelCatalog(settings, client)
+    app[CHANNELS] = catalog
+    leases: ChannelLeases
+    if settings.cache.backend == "redis":
+        # The Redis the cache shares is where instances agree on who runs which channel.
+        leases = RedisLeases(
+            settings.cache.redis_url,
+            settings.live.instance_name,
+            settings.live.lease_ttl,
+            timeout=settings.cache.redis_timeout,
+        )
+    else:
+        leases = LocalLeases(settings.live.instance_name)
+    pool = LivePool(settings.live, client, app[METRICS], leases)
+    app[LIVE] = pool
+    await asyncio.to_thread(remove_stale_dirs)
+    app[BACKGROUND] = {}
+    # Lists load in the background: a slow list URL must not hold up start-up or /healthz.
+    _background(app, "channel-lists", _load_lists(catalog))
+    _background(app, "live-sweep", pool.sweep_forever())
+    try:
+        yield
+    finally:
+        await _cancel_background(app)
+        await pool.close()
+        await leases.close()
+
+
+async def _load_lists(catalog: ChannelCatalog) -> None:
+    await catalog.load_all()
+    await catalog.refresh_forever()
+
+
+async def _stop_live(app: web.Application) -> None:
+    # At shutdown, before in-flight handlers are waited for: raw-TS viewers end now instead of
+    # holding the shutdown for its whole timeout, and every ffmpeg is reaped.
+    if LIVE in app:
+        await app[LIVE].close()

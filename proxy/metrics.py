@@ -244,3 +244,57 @@ class Metrics:
             "Segments fetched ahead on a live playlist refresh",
             registry=r,
         )
+        # Live channels. The channel label is a [[channels]] id from the config, or "other"
+        # for channels imported from lists (thousands of ids would explode the series count).
+        self.live_sessions = Gauge(
+            "hlsrelay_live_sessions", "Live sessions running (one upstream reader each)", registry=r
+        )
+        self.live_viewers = Gauge(
+            "hlsrelay_live_viewers",
+            "Viewers of live channels (HLS viewers seen in the last two target durations, "
+            "plus connected raw-TS viewers)",
+            ["channel"],
+            registry=r,
+        )
+        self.live_ffmpeg_processes = Gauge(
+            "hlsrelay_live_ffmpeg_processes",
+            "ffmpeg processes running (segmenters and test-pattern sources)",
+            registry=r,
+        )
+        self.live_ffmpeg_restarts = Counter(
+            "hlsrelay_live_ffmpeg_restarts_total",
+            "ffmpeg segmenter restarts (exit, stall or source switch)",
+            ["channel"],
+            registry=r,
+        )
+        self.live_segment_age = Gauge(
+            "hlsrelay_live_segment_age_seconds",
+            "Seconds since the newest segment of a live session was cut",
+            ["channel"],
+            registry=r,
+        )
+        self.live_source_reconnects = Counter(
+            "hlsrelay_live_source_reconnects_total",
+            "Reconnections of live sources to their upstream (after a drop or a failure)",
+            ["channel"],
+            registry=r,
+        )
+        self.live_lease_refusals = Counter(
+            "hlsrelay_live_lease_refusals_total",
+            "Live requests answered 503 because another instance holds the channel's lease",
+            ["channel"],
+            registry=r,
+        )
+        self.live_leases_lost = Counter(
+            "hlsrelay_live_leases_lost_total",
+            "Live sessions stopped because their lease was lost (taken over, or not renewable "
+            "for a whole lease_ttl)",
+            ["channel"],
+            registry=r,
+        )
+        self.live_viewers_dropped = Counter(
+            "hlsrelay_live_viewers_dropped_total",
+            "Raw-TS viewers dropped for falling behind",
+            ["channel"],
+            registry=r,
+        )

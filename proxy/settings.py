@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -281,6 +282,93 @@ class CacheSettings(_Section):
         return value
 
 
+_INSTANCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _default_instance_name() -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:50] or "hlsrelay"
+    return f"{host}-{os.getpid()}"
+
+
+class LiveSettings(_Section):
+    ffmpeg: str = "auto"
+    """ffmpeg binary: "auto" = ffmpeg on PATH, else the one bundled by imageio-ffmpeg."""
+    segment_seconds: float = Field(2.0, ge=0.5, le=20)
+    """Target length of a live HLS segment (cut at the next keyframe, as ffmpeg copies)."""
+    window_segments: int = Field(6, ge=3, le=60)
+    """Segments listed in a live playlist (and kept in memory per session)."""
+    max_sessions: int = Field(10, ge=1, le=1000)
+    """Live sessions (one upstream reader + one ffmpeg each) at once; beyond: 503."""
+    idle_timeout: float = Field(20.0, ge=0)
+    """Seconds a session lives on after its last viewer (zapping back costs nothing)."""
+    start_timeout: float = Field(15.0, gt=0)
+    """Seconds the first playlist request waits for the first segment."""
+    audio: Literal["auto", "copy", "aac"] = "auto"
+    """Audio in the HLS window: "copy", "aac" (re-encode), or "auto" (copy AAC and MP3,
+    re-encode what browsers cannot play: MP2, AC-3…)."""
+    acestream_engine: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:6878")
+    """AceStream engine that acestream:// and bare 40-hex channel ids play through."""
+    restart_max_backoff: float = Field(30.0, ge=0.1)
+    """Upper bound, in seconds, of the delay between two source reconnects or ffmpeg restarts."""
+    viewer_buffer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    """Bytes a raw-TS viewer may fall behind before it is dropped (it never stalls the others)."""
+    probe_timeout: float = Field(5.0, gt=0)
+    """Seconds to look at a channel whose kind (hls or ts) neither config nor URL tells."""
+    instance_name: str = Field(default_factory=_default_instance_name, pattern=_INSTANCE_NAME)
+    """Names this instance in live-channel leases and logs (default: host name and process id)."""
+    lease_ttl: float = Field(10.0, ge=3, le=300)
+    """Seconds a live-channel lease outlives its last renewal (renewed every second while the
+    channel plays): how long a dead instance's channels wait before another one takes them.
+    Leases live in cache.redis_url when cache.backend = "redis"; otherwise they are local."""
+
+
+_SOURCE_SCHEMES = ("http://", "https://", "acestream://", "lavfi:")
+_CHANNEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
+
+
+class ChannelSettings(_Section):
+    id: str = Field(pattern=_CHANNEL_ID)
+    name: str = ""
+    url: str = Field(min_length=1)
+    """http(s) URL, acestream://HASH, a bare 40-hex AceStream id, or lavfi:GRAPH (test pattern)."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    kind: Literal["hls", "ts"] | None = None
+    backup_urls: tuple[str, ...] = ()
+    logo: str = ""
+    group: str = ""
+
+    @field_validator("url", "backup_urls")
+    @classmethod
+    def _source_url(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for url in (value,) if isinstance(value, str) else value:
+            text = url.strip()
+            hex_id = len(text) == 40 and all(c in "0123456789abcdefABCDEF" for c in text)
+            if not (text.startswith(_SOURCE_SCHEMES) or hex_id):
+                raise ValueError(
+                    "must be an http(s) URL, acestream://HASH, a 40-hex id or lavfi:GRAPH"
+                )
+        return value
+
+
+class ChannelListSettings(_Section):
+    path: Path | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    refresh_interval: float = Field(3600.0, ge=0)
+    """Seconds between two reloads of the list; 0 = load once at start."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http or https URL")
+        return value
+
+    def model_post_init(self, __context: Any) -> None:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("set exactly one of 'path' or 'url'")
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -298,6 +386,19 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     proxies: ProxiesSettings = ProxiesSettings()
     cache: CacheSettings = CacheSettings()
+    live: LiveSettings = LiveSettings()
+    channels: tuple[ChannelSettings, ...] = ()
+    channel_lists: tuple[ChannelListSettings, ...] = ()
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_ids(cls, value: tuple[ChannelSettings, ...]) -> tuple[ChannelSettings, ...]:
+        seen: set[str] = set()
+        for channel in value:
+            if channel.id in seen:
+                raise ValueError(f"duplicate channel id {channel.id!r}")
+            seen.add(channel.id)
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -402,6 +503,14 @@ def masked(settings: Settings) -> dict[str, Any]:
     security["api_keys"] = ["********" for _ in settings.security.api_keys]
     data["proxies"]["urls"] = [{"name": p.name, "url": p.masked_url} for p in settings.proxies.urls]
     data["cache"]["redis_url"] = _mask_url_password(settings.cache.redis_url)
+    # Channel sources often carry credentials: header values (cookies, tokens) and query
+    # strings (Xtream username/password) are masked.
+    for entry in [*data["channels"], *data["channel_lists"]]:
+        entry["headers"] = dict.fromkeys(entry.get("headers") or {}, "********")
+        if entry.get("url"):
+            entry["url"] = _mask_url(entry["url"])
+        if "backup_urls" in entry:
+            entry["backup_urls"] = [_mask_url(u) for u in entry["backup_urls"]]
     return data
 
 
@@ -413,3 +522,12 @@ def _mask_url_password(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
     return f"{scheme}{sep}{user}:********@{hostpart}"
+
+
+def _mask_url(url: str) -> str:
+    base, sep, _query = url.partition("?")
+    scheme, has_scheme, rest = base.partition("://")
+    if has_scheme and "@" in rest.split("/", 1)[0]:
+        rest = "********@" + rest.split("@", 1)[1]
+        base = f"{scheme}://{rest}"
+    return base + ("?********" if sep else "")

@@ -16,9 +16,9 @@ TEST_SECRET = "test-secret-0123456789abcdef"
 TEST_API_KEY = "test-api-key-123"
 
 
-def make_settings(**sections: dict[str, Any]) -> Settings:
+def make_settings(**sections: Any) -> Settings:
     """Settings for tests: a fixed key, an API key, loopback allowed (the origin lives there)."""
-    base: dict[str, dict[str, Any]] = {
+    base: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0},
         "security": {"secret": TEST_SECRET, "api_keys": [TEST_API_KEY]},
         "upstream": {
@@ -29,7 +29,10 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
         },
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            base.setdefault(name, {}).update(values)
+        else:  # array-of-tables sections: [[channels]], [[channel_lists]]
+            base[name] = values
     # Built directly (not from config/hlsrelay.toml) so the shipped config cannot change tests.
     return Settings(**base)
 
@@ -49,7 +52,7 @@ ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 def proxy_factory(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> ProxyFactory:
     """Start the real app on a loopback port with settings built by :func:`make_settings`."""
 
-    async def start(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+    async def start(**sections: Any) -> TestClient[Any, Any]:
         return await aiohttp_client(create_app(make_settings(**sections)))
 
     return start

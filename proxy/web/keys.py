@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
+from proxy.channels.catalog import ChannelCatalog
+from proxy.live.pool import LivePool
 from proxy.metrics import Metrics
 from proxy.request_log import RequestFacts
 from proxy.settings import Settings
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.proxies import ProxyPool
 from proxy.upstream.relay import StreamRelay
 
@@ -17,5 +22,9 @@ CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 RELAY = web.AppKey("relay", StreamRelay)
 READY = web.AppKey("ready", dict[str, bool])
 PROXY_POOL = web.AppKey("proxy_pool", ProxyPool)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+CHANNELS = web.AppKey("channels", ChannelCatalog)
+LIVE = web.AppKey("live", LivePool)
+BACKGROUND = web.AppKey("background", dict[str, "asyncio.Task[None]"])
 # Per request: what its access-log line says (request id, upstream host, cache result).
 REQUEST_FACTS = web.RequestKey("request_facts", RequestFacts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,50 @@ def test_sign_without_any_key_is_refused(
     path = write(tmp_path, "[server]\nport = 8080\n")
     assert main(["sign", "https://a.example/x.m3u8", "--config", str(path)]) == 2
     assert "security.secret" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[[channels]]\nid = "a"\nurl = "ftp://x/y"\n', "channels.0.url"),
+        ('[[channels]]\nid = "bad id"\nurl = "http://x/y"\n', "channels.0.id"),
+        (
+            '[[channels]]\nid = "a"\nurl = "http://x"\n[[channels]]\nid = "a"\nurl = "http://y"\n',
+            "channels",
+        ),
+        ('[[channel_lists]]\npath = "a.m3u"\nurl = "http://x/l.m3u"\n', "channel_lists.0"),
+        ('[[channel_lists]]\nurl = "file:///etc/passwd"\n', "channel_lists.0.url"),
+        ("[live]\nsegment_seconds = 0\n", "live.segment_seconds"),
+        ('[live]\naudio = "opus"\n', "live.audio"),
+        ("[live]\nmax_sessions = 0\n", "live.max_sessions"),
+    ],
+)
+def test_bad_live_and_channel_settings_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=rf": {re.escape(where)}[.:]"):
+        load_settings(write(tmp_path, text))
+
+
+def test_shipped_config_has_the_demo_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HLSRELAY_CONFIG", raising=False)
+    settings = load_settings(REPO / "config" / "hlsrelay.toml")
+    demo = next(c for c in settings.channels if c.id == "demo")
+    assert demo.url.startswith("lavfi:") and demo.kind == "ts"
+    assert settings.live.ffmpeg == "auto"
+
+
+def test_check_config_masks_channel_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        '[[channels]]\nid = "a"\nurl = "http://u:pw@h/x.ts?token=SECRET1"\n'
+        'headers = { Cookie = "SECRET2" }\nbackup_urls = ["http://h/y.ts?k=SECRET3"]\n'
+        '[[channel_lists]]\nurl = "http://h/get.php?username=u&password=SECRET4"\n',
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "pw@"):
+        assert secret not in out
+    doc = json.loads(out)
+    assert doc["channels"][0]["url"] == "http://********@h/x.ts?********"
+    assert doc["channels"][0]["headers"] == {"Cookie": "********"}
