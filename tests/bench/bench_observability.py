@@ -1,4 +1,5 @@
-"""Benchmark of observability: what metrics cost on the request path.
+"""Benchmark of observability and scale-out: what metrics cost on the request path, and how
+long a live channel takes to resume on another instance when its owner dies.
 
 **Metrics overhead, one core.** Two ``python -m proxy serve`` processes, both pinned to CPU 0
 (``taskset``), the shipped config plus env overrides: one as shipped, one started through a
@@ -14,13 +15,20 @@ switch exists. ``wrk`` (pinned to CPU 1) drives each in turn, rounds alternating
 * an uncached segment: ``cache.memory_bytes = 0``, each request goes to the origin (nginx
   serving a static file, pinned to CPU 1): upstream counters, TTFB histogram, bytes in.
 
-Access logs are on (text, to /dev/null) in both: they are logging, not metrics. Every process
-is stopped by its PID. Nothing asserts a timing.
+Access logs are on (text, to a temp file) in both: they are logging, not metrics.
+
+**Live failover.** Two instances sharing a redis-server play one TS channel; the owner is
+SIGKILLed; the survivor is asked every 50 ms until its playlist lists a segment. Reported:
+the time until it takes the lease (no more 503) and until the channel plays again (up to 3
+rounds, with the default ``live.lease_ttl``).
+
+Every process is stopped by its PID. Nothing asserts a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -32,7 +40,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+from aiohttp.test_utils import TestServer
+
 from proxy.hls.kinds import UriKind
+from proxy.live.process import find_ffmpeg
 from proxy.tokens import TokenCodec
 from tests.bench.bench_core import (
     BENCH_SECRET,
@@ -46,6 +58,9 @@ from tests.bench.bench_core import (
     machine,
     started,
 )
+from tests.cluster import ffmpeg_children, instance, reap_ffmpegs
+from tests.live_origin import REFERER, TsOrigin
+from tests.services import redis_server
 
 WRK_SECONDS = 4
 WRK_CONNECTIONS = 32
@@ -262,8 +277,88 @@ def measure_update_costs(rounds: int) -> list[UpdateCost]:
     return costs
 
 
+# -- live channel failover ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailoverRound:
+    lease_ttl: float
+    accepted_s: float
+    """From SIGKILL of the owner to the survivor accepting the channel (its lease taken)."""
+    resumed_s: float
+    """From SIGKILL to the survivor's playlist listing a segment again."""
+
+
+async def _failover_round(lease_ttl: float, segment_seconds: float) -> FailoverRound:
+    origin = TsOrigin(find_ffmpeg("auto"))
+    server = TestServer(origin.app(), host="127.0.0.1")
+    await server.start_server()
+    loop = asyncio.get_running_loop()
+    try:
+        origin.url = str(server.make_url("")).rstrip("/")
+        with redis_server() as redis, tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "hlsrelay.toml"
+            config.write_text(
+                f"""
+[security]
+secret = "{BENCH_SECRET}"
+[upstream]
+allow_networks = ["127.0.0.0/8"]
+[cache]
+backend = "redis"
+redis_url = "{redis.url}"
+[live]
+segment_seconds = {segment_seconds}
+lease_ttl = {lease_ttl}
+[[channels]]
+id = "tv"
+url = "{origin.url}/live/stream.ts"
+headers = {{ Referer = "{REFERER}" }}
+"""
+            )
+            async with (
+                instance("owner", config, Path(tmp)) as owner,
+                instance("survivor", config, Path(tmp)) as survivor,
+                aiohttp.ClientSession() as session,
+            ):
+                path = "/live/tv/index.m3u8"
+                async with session.get(owner.url + path) as resp:
+                    assert resp.status == 200, await resp.text()
+                await asyncio.sleep(2 * segment_seconds)  # playing, lease renewed
+                orphans = set(ffmpeg_children(owner.pid))
+                owner.proc.kill()
+                killed = loop.time()
+                accepted = None
+                for _ in range(int((lease_ttl + 30) / 0.05)):
+                    sent = loop.time()
+                    async with session.get(survivor.url + path) as resp:
+                        body = await resp.read()
+                        if resp.status != 503 and accepted is None:
+                            # This request took the lease, then waited for the first segment.
+                            accepted = sent - killed
+                        if resp.status == 200 and b"#EXTINF" in body:
+                            resumed = loop.time() - killed
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError("the channel did not resume on the survivor")
+                await owner.proc.wait()
+                await reap_ffmpegs(orphans)
+    finally:
+        await server.close()
+    return FailoverRound(lease_ttl, accepted if accepted is not None else resumed, resumed)
+
+
+def measure_failover(rounds: int, lease_ttl: float = 10.0) -> list[FailoverRound]:
+    return [asyncio.run(_failover_round(lease_ttl, 2.0)) for _ in range(rounds)]
+
+
 def render(
-    overhead: list[OverheadFigure], costs: list[UpdateCost], rounds: int, command: str
+    overhead: list[OverheadFigure],
+    costs: list[UpdateCost],
+    failover: list[FailoverRound],
+    rounds: int,
+    command: str,
 ) -> str:
     lines = [
         "## Observability",
@@ -298,6 +393,22 @@ def render(
         "|---|---|",
         *(f"| {c.what} | {c.microseconds.show('µs', 2)} |" for c in costs),
         "",
+        "### A live channel resumes on the surviving instance after its owner is killed",
+        "",
+        "Two `python -m proxy serve` processes sharing a redis-server, one TS channel (a real "
+        "ffmpeg TS origin, `live.segment_seconds = 2`, the default `live.lease_ttl`); the owner "
+        "is SIGKILLed while the channel plays; the survivor is asked for the playlist every 50 ms.",
+        "",
+        "| lease TTL | until the survivor takes the lease | until its playlist lists a segment |",
+        "|---|---|---|",
+        *(
+            f"| {failover[0].lease_ttl:g} s | "
+            f"{Spread.of([f.accepted_s for f in failover]).show('s', 1)} | "
+            f"{Spread.of([f.resumed_s for f in failover]).show('s', 1)} |"
+            for _ in (1,)
+            if failover
+        ),
+        "",
         "Machine: " + "; ".join(f"{name}: {value}" for name, value in machine().items()),
         "",
     ]
@@ -308,7 +419,13 @@ def run(rounds: int = 5) -> str:
     command = "python -m tests.bench.bench_observability" + (
         f" --rounds {rounds}" if rounds != 5 else ""
     )
-    return render(measure_overhead(rounds), measure_update_costs(rounds), rounds, command)
+    return render(
+        measure_overhead(rounds),
+        measure_update_costs(rounds),
+        measure_failover(max(1, min(rounds, 3))),
+        rounds,
+        command,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -9,11 +9,22 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from pydantic import ValidationError
+from redis.asyncio import Redis as redis_client_class
 
-from proxy.live.lease import LeaseUnavailable, LocalLeases, RedisLeases, retry_after
+from proxy.errors import ServiceUnavailable
+from proxy.live.lease import KEY_PREFIX, LeaseUnavailable, LocalLeases, RedisLeases, retry_after
+from proxy.live.process import find_ffmpeg
+from proxy.settings import LiveSettings
+from proxy.web.keys import LIVE, METRICS
+from tests.conftest import ProxyFactory
 from tests.services import MissingBinary, Redis, redis_server
 
 TTL = 0.5
+
+
+def redis_client(url: str) -> redis_client_class:
+    return redis_client_class.from_url(url)
 
 
 @pytest.fixture
@@ -91,3 +102,71 @@ async def test_local_leases_grant_everything() -> None:
     assert await local.acquire("ch") is None
     assert await local.renew(["ch"]) == set()
     await local.release("ch")
+
+
+# -- the live pool with leases, in the real app ---------------------------------------------
+
+
+@pytest.mark.ffmpeg
+async def test_a_session_whose_lease_is_taken_stops_and_a_held_channel_answers_503(
+    proxy_factory: ProxyFactory, redis: Redis
+) -> None:
+    try:
+        find_ffmpeg("auto")
+    except ServiceUnavailable:
+        pytest.skip("no ffmpeg on PATH and none from imageio-ffmpeg")
+    client = await proxy_factory(
+        cache={"backend": "redis", "redis_url": redis.url},
+        live={"segment_seconds": 1.0, "lease_ttl": 3.0, "instance_name": "here"},
+        channels=[
+            {"id": "demo", "url": "lavfi:testsrc2=size=160x90:rate=25"},
+            {"id": "held", "url": "lavfi:testsrc2=size=160x90:rate=25"},
+        ],
+    )
+    other = RedisLeases(redis.url, "elsewhere", 3.0, timeout=0.5)
+    try:
+        # Another instance holds "held": this one refuses it, with the time its lease has left.
+        assert await other.acquire("held") is None
+        refused = await client.get("/live/held/index.m3u8")
+        assert refused.status == 503
+        assert 1 <= int(refused.headers["Retry-After"]) <= 3
+        assert (await refused.json())["error"]["code"] == "service_unavailable"
+        assert client.app[LIVE].session("held") is None
+
+        playing = await client.get("/live/demo/index.m3u8")
+        assert playing.status == 200
+        pool = client.app[LIVE]
+        assert pool.session("demo") is not None
+        # The lease vanishes and another instance takes it (as after a long Redis outage):
+        # at its next sweep this instance stops its ffmpeg rather than run the channel twice.
+        raw = redis_client(redis.url)
+        await raw.delete(f"{KEY_PREFIX}demo")
+        assert await other.acquire("demo") is None
+        for _ in range(50):
+            if pool.session("demo") is None:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.session("demo") is None
+        registry = client.app[METRICS].registry
+        assert (
+            registry.get_sample_value("hlsrelay_live_leases_lost_total", {"channel": "demo"}) == 1.0
+        )
+        assert (
+            registry.get_sample_value("hlsrelay_live_lease_refusals_total", {"channel": "held"})
+            == 1.0
+        )
+        # Its own leases are given back when it stops: "demo" is still the other's.
+        assert await raw.get(f"{KEY_PREFIX}demo") == other.owner.encode()
+        await raw.aclose()
+    finally:
+        await other.close()
+
+
+def test_lease_settings_are_validated() -> None:
+    default = LiveSettings()
+    assert default.instance_name.endswith(f"-{os.getpid()}")
+    assert default.lease_ttl == 10.0
+    with pytest.raises(ValidationError):
+        LiveSettings(lease_ttl=1.0)
+    with pytest.raises(ValidationError):
+        LiveSettings(instance_name="bad name/with:chars")

@@ -83,6 +83,8 @@ def test_compose_environment_is_valid_settings(
     envs = [compose["services"][name]["environment"] for name in INSTANCES]
     secret = {e["HLSRELAY_SECURITY__SECRET"] for e in envs}
     assert len(secret) == 1  # one token key for all: a URL minted by one works on the other
+    names = {e["HLSRELAY_LIVE__INSTANCE_NAME"] for e in envs}
+    assert len(names) == len(INSTANCES)  # leases and logs tell the instances apart
     for env in envs:
         assert env["HLSRELAY_CACHE__BACKEND"] == "redis"
         assert env["HLSRELAY_CACHE__REDIS_URL"].startswith("redis://redis:")
@@ -90,6 +92,7 @@ def test_compose_environment_is_valid_settings(
             monkeypatch.setenv(key, _substituted(str(value)))
         settings = Settings()  # every key is a real setting with a valid value, or this raises
         assert settings.cache.backend == "redis"
+        assert settings.live.instance_name == env["HLSRELAY_LIVE__INSTANCE_NAME"]
 
 
 def _substituted(value: str) -> str:
