@@ -64,7 +64,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if isinstance(result, RewrittenPlaylist):
         if result.result in ("miss", "uncached"):  # hits and followers reuse one rewrite
             request.app[METRICS].playlists_rewritten.inc()
-        return _from_entry(request, result.entry, from_cache=result.from_cache)
+        answer = _from_entry(request, result.entry, from_cache=result.from_cache)
+        if request.method == "GET" and isinstance(answer.body, bytes):
+            # Bytes out include playlists (gzip'd when the viewer took it so): what went out.
+            request.app[METRICS].bytes_out.labels("playlist").inc(len(answer.body))
+        return answer
     if isinstance(result, CachedMedia):
         response = _from_entry(request, result.entry, from_cache=True, byte_range=result.byte_range)
         if request.method == "GET" and response.status in (200, 206):

@@ -125,6 +125,7 @@ async def test_exposition_after_traffic_passes_promtool(proxy: Client, origin: O
     # Bytes in from the origin and out to the viewer, counted per resource kind.
     assert f'hlsrelay_upstream_received_bytes_total{{kind="media"}} {float(len(SEGMENT))}' in text
     assert f'hlsrelay_relayed_bytes_total{{kind="media"}} {float(len(SEGMENT))}' in text
+    assert 'hlsrelay_relayed_bytes_total{kind="playlist"}' in text
     assert 'hlsrelay_http_requests_total{route="stream",status_class="5xx"} 1.0' in text
     assert 'hlsrelay_http_requests_total{route="unmatched",status_class="4xx"} 1.0' in text
     assert 'hlsrelay_build_info{python="' in text
