@@ -40,7 +40,7 @@ from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDictProxy
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from yarl import URL
 
 from proxy import request_log
@@ -239,6 +239,21 @@ class UpstreamClient:
             self._metrics,
         )
         self._rng = rng or random.Random()  # jitter, not security
+        self._per_kind: dict[str, tuple[Counter, Histogram, Counter]] = {}
+
+    def _kind_metrics(self, kind: str) -> tuple[Counter, Histogram, Counter]:
+        """The labelled children for one resource kind, made once (labels() takes a lock and
+        checks its values on every call; kinds are a handful of fixed names)."""
+        children = self._per_kind.get(kind)
+        if children is None:
+            m = self._metrics
+            children = (
+                m.upstream_requests.labels(kind),
+                m.upstream_ttfb.labels(kind),
+                m.upstream_bytes.labels(kind),
+            )
+            self._per_kind[kind] = children
+        return children
 
     @property
     def pool(self) -> ProxyPool:
@@ -442,7 +457,7 @@ class UpstreamClient:
         kind: str,
     ) -> UpstreamResponse:
         """One attempt through one session, redirects included (each hop checked again)."""
-        metrics = self._metrics
+        sent, ttfb, received = self._kind_metrics(kind)
         settings = self._settings
         timeout = aiohttp.ClientTimeout(
             sock_connect=settings.connect_timeout,
@@ -451,7 +466,7 @@ class UpstreamClient:
         )
         for _hop in range(settings.max_redirects + 1):
             self._guard.check_url(target)
-            metrics.upstream_requests.labels(kind).inc()
+            sent.inc()
             started = time.perf_counter()
             with _attempt_errors():
                 async with asyncio.timeout(first_byte):
@@ -463,7 +478,7 @@ class UpstreamClient:
                         timeout=timeout,
                         auto_decompress=decompress,
                     )
-            metrics.upstream_ttfb.labels(kind).observe(time.perf_counter() - started)
+            ttfb.observe(time.perf_counter() - started)
             location = raw.headers.get("Location")
             if raw.status not in REDIRECT_STATUSES or not location:
                 # The host name only: a path or query can hold a signature or a credential.
@@ -473,7 +488,7 @@ class UpstreamClient:
                     raw=raw,
                     final_url=str(target),
                     decoded=decompress and encoding != "identity",
-                    received=metrics.upstream_bytes.labels(kind),
+                    received=received,
                 )
             raw.close()
             try:
