@@ -119,6 +119,10 @@ class Metrics:
         self.build_info = Info(
             "hlsrelay_build", "Version of the running hlsrelay (always 1)", registry=r
         )
+        # Labelled children used on every request, made once per label value (labels() takes
+        # a lock and checks its values on each call); label values are a few fixed names.
+        self._relayed: dict[str, Counter] = {}
+        self._cache_results: dict[str, Counter] = {}
         # hlsrelay_http_requests_total, _request_duration_seconds, _requests_in_flight.
         self.http = RequestStats(LATENCY_BUCKETS)
         r.register(self.http)
@@ -298,3 +302,17 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+
+    def relayed(self, kind: str) -> Counter:
+        """``hlsrelay_relayed_bytes_total{kind}``: body bytes sent to viewers."""
+        child = self._relayed.get(kind)
+        if child is None:
+            child = self._relayed[kind] = self.bytes_out.labels(kind)
+        return child
+
+    def cache_result(self, result: str) -> Counter:
+        """``hlsrelay_cache_requests_total{result}``."""
+        child = self._cache_results.get(result)
+        if child is None:
+            child = self._cache_results[result] = self.cache_requests.labels(result)
+        return child

@@ -46,7 +46,7 @@ class CacheLayer:
 
     def count(self, result: str) -> None:
         """Count a cache result, and note it for the current request's log line."""
-        self.metrics.cache_requests.labels(result).inc()
+        self.metrics.cache_result(result).inc()
         request_log.note_cache(result)
 
     async def close(self) -> None:

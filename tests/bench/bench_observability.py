@@ -255,7 +255,7 @@ def measure_update_costs(rounds: int) -> list[UpdateCost]:
         m.upstream_ttfb.labels("media"),
         m.upstream_bytes.labels("media"),
     )
-    relayed = m.bytes_out
+    relayed = m.relayed
 
     def middleware() -> None:
         stats.in_flight += 1
@@ -266,12 +266,17 @@ def measure_update_costs(rounds: int) -> list[UpdateCost]:
         sent.inc()
         ttfb.observe(0.004)
         received.inc(SEGMENT_BYTES)
-        relayed.labels("media").inc(SEGMENT_BYTES)
+        relayed("media").inc(SEGMENT_BYTES)
+
+    def cached_answer() -> None:
+        m.cache_result("hit").inc()
+        relayed("media").inc(SEGMENT_BYTES)
 
     loops = 100_000
     costs = []
     for what, fn in (
         ("every request (middleware: in-flight, counter, histogram)", middleware),
+        ("plus an answer from the cache (cache result, bytes out)", cached_answer),
         ("plus an upstream fetch (counter, TTFB histogram, bytes in and out)", upstream_request),
     ):
         samples = [timeit.timeit(fn, number=loops) / loops * 1e6 for _ in range(rounds)]
