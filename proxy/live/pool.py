@@ -1,9 +1,12 @@
 """The live pool: at most ``live.max_sessions`` sessions, started on demand, stopped when idle.
 
 :meth:`LivePool.acquire` returns the running session of a channel or starts one (503 with
-Retry-After when the pool is full). A background sweep stops sessions ``idle_timeout`` after
-their last viewer and refreshes the live gauges. :meth:`LivePool.close` stops every session
-and reaps every ffmpeg: the app calls it on shutdown.
+Retry-After when the pool is full). Before starting one it takes the channel's lease
+(:mod:`proxy.live.lease`): when another instance holds it, the answer is 503 with Retry-After
+(the seconds left on that lease), so two instances never run one channel's ffmpeg. A background
+sweep stops sessions ``idle_timeout`` after their last viewer, renews the leases of the others
+(stopping any session whose lease was lost) and refreshes the live gauges. :meth:`LivePool.close`
+stops every session and reaps every ffmpeg: the app calls it on shutdown.
 """
 
 from __future__ import annotations
