@@ -31,6 +31,7 @@ check: install
 	$(BIN)/ruff format --check proxy tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
 bench: install system-deps
 	$(BIN)/python -m tests.bench

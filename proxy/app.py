@@ -19,9 +19,10 @@ from yarl import URL
 from proxy import __version__
 from proxy.cache.layer import CacheLayer
 from proxy.channels.catalog import ChannelCatalog
+from proxy.live.lease import ChannelLeases, LocalLeases, RedisLeases
 from proxy.live.pool import LivePool
 from proxy.live.session import remove_stale_dirs
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, build_labels
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
 from proxy.upstream.client import UpstreamClient
@@ -30,7 +31,7 @@ from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.relay import StreamRelay
 from proxy.upstream.transport import TunnelConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
-from proxy.web.errors import error_middleware, metrics_middleware
+from proxy.web.errors import add_request_id, error_middleware, metrics_middleware
 from proxy.web.keys import (
     BACKGROUND,
     CHANNELS,
@@ -55,11 +56,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     metrics = Metrics()
-    metrics.build_info.info({"version": __version__})
+    metrics.build_info.info(build_labels(__version__))
     app[METRICS] = metrics
     app[READY] = {"ready": False}
     setup_routes(app, settings.server.base_path)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live)
     app.on_shutdown.append(_not_ready)
@@ -173,7 +175,18 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     client = app[UPSTREAM]
     catalog = ChannelCatalog(settings, client)
     app[CHANNELS] = catalog
-    pool = LivePool(settings.live, client, app[METRICS])
+    leases: ChannelLeases
+    if settings.cache.backend == "redis":
+        # The Redis the cache shares is where instances agree on who runs which channel.
+        leases = RedisLeases(
+            settings.cache.redis_url,
+            settings.live.instance_name,
+            settings.live.lease_ttl,
+            timeout=settings.cache.redis_timeout,
+        )
+    else:
+        leases = LocalLeases(settings.live.instance_name)
+    pool = LivePool(settings.live, client, app[METRICS], leases)
     app[LIVE] = pool
     await asyncio.to_thread(remove_stale_dirs)
     app[BACKGROUND] = {}
@@ -185,6 +198,7 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
     finally:
         await _cancel_background(app)
         await pool.close()
+        await leases.close()
 
 
 async def _load_lists(catalog: ChannelCatalog) -> None:

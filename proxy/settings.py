@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -285,6 +286,14 @@ class CacheSettings(_Section):
         return value
 
 
+_INSTANCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _default_instance_name() -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:50] or "hlsrelay"
+    return f"{host}-{os.getpid()}"
+
+
 class LiveSettings(_Section):
     ffmpeg: str = "auto"
     """ffmpeg binary: "auto" = ffmpeg on PATH, else the one bundled by imageio-ffmpeg."""
@@ -309,6 +318,12 @@ class LiveSettings(_Section):
     """Bytes a raw-TS viewer may fall behind before it is dropped (it never stalls the others)."""
     probe_timeout: float = Field(5.0, gt=0)
     """Seconds to look at a channel whose kind (hls or ts) neither config nor URL tells."""
+    instance_name: str = Field(default_factory=_default_instance_name, pattern=_INSTANCE_NAME)
+    """Names this instance in live-channel leases and logs (default: host name and process id)."""
+    lease_ttl: float = Field(10.0, ge=3, le=300)
+    """Seconds a live-channel lease outlives its last renewal (renewed every second while the
+    channel plays): how long a dead instance's channels wait before another one takes them.
+    Leases live in cache.redis_url when cache.backend = "redis"; otherwise they are local."""
 
 
 _SOURCE_SCHEMES = ("http://", "https://", "acestream://", "lavfi:")

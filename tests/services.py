@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +113,14 @@ class Edge:
         return _tail(self.prefix / "access.log")
 
 
-def render_edge_config(listen: str, upstream: str, cache_dir: str, cache_size: str = "1g") -> str:
+def render_edge_config(
+    listen: str, upstreams: Sequence[str], cache_dir: str, cache_size: str = "1g"
+) -> str:
     """The shipped template with its placeholders filled (and only those)."""
     text = EDGE_TEMPLATE.read_text()
     for name, value in {
         "HLSRELAY_EDGE_LISTEN": listen,
-        "HLSRELAY_EDGE_UPSTREAM": upstream,
+        "HLSRELAY_EDGE_SERVERS": " ".join(f"server {u};" for u in upstreams),
         "HLSRELAY_EDGE_CACHE_DIR": cache_dir,
         "HLSRELAY_EDGE_CACHE_SIZE": cache_size,
     }.items():
@@ -127,8 +129,11 @@ def render_edge_config(listen: str, upstream: str, cache_dir: str, cache_size: s
 
 
 @contextlib.contextmanager
-def nginx_edge(upstream_port: int, *, cpu: int | None = None) -> Iterator[Edge]:
-    """nginx with deploy/nginx/hlsrelay-edge.conf.template in front of ``upstream_port``."""
+def nginx_edge(
+    upstream_port: int, *more_ports: int, cpu: int | None = None, max_fails: int | None = None
+) -> Iterator[Edge]:
+    """nginx with deploy/nginx/hlsrelay-edge.conf.template in front of ``upstream_port`` (and
+    ``more_ports``: several instances, as in deploy/docker-compose.yml)."""
     binary = _binary("nginx")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="hlsrelay-nginx-") as tmp:
@@ -137,7 +142,12 @@ def nginx_edge(upstream_port: int, *, cpu: int | None = None) -> Iterator[Edge]:
         conf = prefix / "nginx.conf"
         conf.write_text(
             render_edge_config(
-                f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", str(prefix / "cache")
+                f"127.0.0.1:{port}",
+                [
+                    f"127.0.0.1:{p}" + (f" max_fails={max_fails}" if max_fails is not None else "")
+                    for p in (upstream_port, *more_ports)
+                ],
+                str(prefix / "cache"),
             )
         )
         # As root, nginx's workers would switch to "nobody" and could not write the temp dir.

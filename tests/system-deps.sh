@@ -10,6 +10,9 @@ declare -A wanted=(
   [redis-server]=redis-server
   [nginx]=nginx
   [wrk]=wrk
+  [promtool]=prometheus
+  [prometheus]=prometheus
+  [yq]=yq
 )
 missing=()
 for bin in "${!wanted[@]}"; do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy import request_log
 from proxy.cache.inflight import SharedBodies
 from proxy.cache.singleflight import SingleFlight
 from proxy.cache.store import CachedObject, ObjectStore, open_store
@@ -53,7 +54,9 @@ class CacheLayer:
         return layer
 
     def count(self, result: str) -> None:
-        self.metrics.cache_requests.labels(result).inc()
+        """Count a cache result, and note it for the current request's log line."""
+        self.metrics.cache_result(result).inc()
+        request_log.note_cache(result)
 
     async def close(self) -> None:
         await self.tasks.close()

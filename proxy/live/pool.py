@@ -1,9 +1,12 @@
 """The live pool: at most ``live.max_sessions`` sessions, started on demand, stopped when idle.
 
 :meth:`LivePool.acquire` returns the running session of a channel or starts one (503 with
-Retry-After when the pool is full). A background sweep stops sessions ``idle_timeout`` after
-their last viewer and refreshes the live gauges. :meth:`LivePool.close` stops every session
-and reaps every ffmpeg: the app calls it on shutdown.
+Retry-After when the pool is full). Before starting one it takes the channel's lease
+(:mod:`proxy.live.lease`): when another instance holds it, the answer is 503 with Retry-After
+(the seconds left on that lease), so two instances never run one channel's ffmpeg. A background
+sweep stops sessions ``idle_timeout`` after their last viewer, renews the leases of the others
+(stopping any session whose lease was lost) and refreshes the live gauges. :meth:`LivePool.close`
+stops every session and reaps every ffmpeg: the app calls it on shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import time
 
 from proxy.errors import ServiceUnavailable
+from proxy.live.lease import ChannelLeases, LeaseUnavailable, LocalLeases, retry_after
 from proxy.live.process import find_ffmpeg
 from proxy.live.session import LiveSession
 from proxy.live.source import LiveSource
@@ -27,8 +31,16 @@ _SWEEP_SECONDS = 1.0
 
 
 class LivePool:
-    def __init__(self, settings: LiveSettings, client: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: LiveSettings,
+        client: UpstreamClient,
+        metrics: Metrics,
+        leases: ChannelLeases | None = None,
+    ) -> None:
         self._settings = settings
+        # Who may run which channel when instances share Redis (one instance: everything).
+        self._leases = leases if leases is not None else LocalLeases(settings.instance_name)
         self._client = client
         self._metrics = metrics
         self._sessions: dict[str, LiveSession] = {}
@@ -71,6 +83,7 @@ class LivePool:
                 )
             if self._ffmpeg is None:
                 self._ffmpeg = find_ffmpeg(self._settings.ffmpeg)
+            await self._take_lease(source)
             session = LiveSession(
                 source,
                 self._client,
@@ -79,17 +92,40 @@ class LivePool:
                 self._ffmpeg,
                 first_sequence=self._last_sequence.get(source.channel_id, -1) + 1,
             )
-            session.start()
+            try:
+                session.start()
+            except BaseException:
+                await self._leases.release(source.channel_id)
+                raise
             self._sessions[source.channel_id] = session
             self._metrics.live_sessions.set(len(self._sessions))
             log.info("live %s: session started", source.channel_id)
             return session
 
+    async def _take_lease(self, source: LiveSource) -> None:
+        """Take the channel's lease, or answer 503: another instance runs it (Retry-After: the
+        seconds left on its lease), or nobody can tell (the lease store is unreachable)."""
+        try:
+            remaining = await self._leases.acquire(source.channel_id)
+        except LeaseUnavailable as exc:
+            raise ServiceUnavailable(
+                f"cannot tell whether another instance plays this channel: {exc}", retry_after=2
+            ) from None
+        if remaining is not None:
+            self._metrics.live_lease_refusals.labels(source.metric_label).inc()
+            raise ServiceUnavailable(
+                "the channel is playing on another instance", retry_after=retry_after(remaining)
+            )
+
     async def stop(self, channel_id: str) -> None:
         session = self._sessions.pop(channel_id, None)
         if session is None:
             return
-        await session.stop()
+        try:
+            await session.stop()
+        finally:
+            # After the stop: the ffmpeg is gone before another instance may start its own.
+            await self._leases.release(channel_id)
         self._last_sequence[channel_id] = session.window.last_sequence
         self._metrics.live_sessions.set(len(self._sessions))
         log.info("live %s: session stopped", channel_id)
@@ -107,6 +143,14 @@ class LivePool:
         now = time.monotonic()
         for channel_id, session in list(self._sessions.items()):
             if now - session.last_activity() >= self._settings.idle_timeout:
+                await self.stop(channel_id)
+        # A lease lost (taken over after Redis was unreachable for a whole TTL, or by another
+        # instance) means another ffmpeg may be running the channel: stop ours at once.
+        for channel_id in await self._leases.renew(list(self._sessions)):
+            lost = self._sessions.get(channel_id)
+            if lost is not None:
+                self._metrics.live_leases_lost.labels(lost.source.metric_label).inc()
+                log.warning("live %s: lease lost, stopping the session", channel_id)
                 await self.stop(channel_id)
         self.update_gauges()
 

@@ -40,8 +40,10 @@ from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from prometheus_client import Counter, Histogram
 from yarl import URL
 
+from proxy import request_log
 from proxy.errors import (
     HlsRelayError,
     PlaylistTooLarge,
@@ -102,6 +104,8 @@ class UpstreamResponse:
     chunk_limit: int | None = None
     """Largest chunk :meth:`iter_chunks` hands on from now on; None: all that is buffered (fewer,
     larger chunks, the fastest). Set when many slow viewers make memory the concern."""
+    received: Counter | None = None
+    """Counts body bytes as they arrive (``hlsrelay_upstream_received_bytes_total{kind}``)."""
 
     @property
     def status(self) -> int:
@@ -118,11 +122,15 @@ class UpstreamResponse:
     async def first_chunk(self) -> bytes:
         """The first bytes of the body as they arrive (b"" at end of body)."""
         with self._body_errors():
-            return await self.raw.content.readany()
+            chunk = await self.raw.content.readany()
+        if self.received is not None:
+            self.received.inc(len(chunk))
+        return chunk
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         content = self.raw.content
+        received = self.received
         while True:
             with self._body_errors():
                 limit = self.chunk_limit
@@ -136,6 +144,8 @@ class UpstreamResponse:
                     chunk = await content.read(limit)
             if not chunk:
                 return
+            if received is not None:
+                received.inc(len(chunk))
             yield chunk
 
     @contextlib.contextmanager
@@ -240,6 +250,21 @@ class UpstreamClient:
             self._metrics,
         )
         self._rng = rng or random.Random()  # jitter, not security
+        self._per_kind: dict[str, tuple[Counter, Histogram, Counter]] = {}
+
+    def _kind_metrics(self, kind: str) -> tuple[Counter, Histogram, Counter]:
+        """The labelled children for one resource kind, made once (labels() takes a lock and
+        checks its values on every call; kinds are a handful of fixed names)."""
+        children = self._per_kind.get(kind)
+        if children is None:
+            m = self._metrics
+            children = (
+                m.upstream_requests.labels(kind),
+                m.upstream_ttfb.labels(kind),
+                m.upstream_bytes.labels(kind),
+            )
+            self._per_kind[kind] = children
+        return children
 
     @property
     def pool(self) -> ProxyPool:
@@ -443,7 +468,7 @@ class UpstreamClient:
         kind: str,
     ) -> UpstreamResponse:
         """One attempt through one session, redirects included (each hop checked again)."""
-        metrics = self._metrics
+        sent, ttfb, received = self._kind_metrics(kind)
         settings = self._settings
         timeout = aiohttp.ClientTimeout(
             sock_connect=settings.connect_timeout,
@@ -452,7 +477,7 @@ class UpstreamClient:
         )
         for _hop in range(settings.max_redirects + 1):
             self._guard.check_url(target)
-            metrics.upstream_requests.labels(kind).inc()
+            sent.inc()
             started = time.perf_counter()
             with _attempt_errors():
                 async with asyncio.timeout(first_byte):
@@ -464,12 +489,17 @@ class UpstreamClient:
                         timeout=timeout,
                         auto_decompress=decompress,
                     )
-            metrics.upstream_ttfb.labels(kind).observe(time.perf_counter() - started)
+            ttfb.observe(time.perf_counter() - started)
             location = raw.headers.get("Location")
             if raw.status not in REDIRECT_STATUSES or not location:
+                # The host name only: a path or query can hold a signature or a credential.
+                request_log.note_upstream_host(target.host)
                 encoding = raw.headers.get("Content-Encoding", "identity").strip().lower()
                 return UpstreamResponse(
-                    raw=raw, final_url=str(target), decoded=decompress and encoding != "identity"
+                    raw=raw,
+                    final_url=str(target),
+                    decoded=decompress and encoding != "identity",
+                    received=received,
                 )
             raw.close()
             try:

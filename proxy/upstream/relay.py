@@ -30,7 +30,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
+from urllib.parse import urlsplit
 
+from proxy import request_log
 from proxy.cache.inflight import BodyHead, BodyReader, BodySource, OnComplete
 from proxy.cache.layer import CacheLayer
 from proxy.cache.store import CachedObject, cache_key
@@ -260,6 +262,9 @@ class StreamRelay:
         answer is not the whole object, so it is neither shared nor stored.
         """
         ctx, ref = self.open_tokens(ctx_token, ref_token)
+        # Named in the request's log line even when the cache answers (the host alone; an
+        # upstream request that is redirected elsewhere notes the final host instead).
+        request_log.note_upstream_host(urlsplit(ref.url).hostname)
         viewer_headers = viewer_headers or {}
         ranged = any(viewer_headers.get(name) is not None for name in MEDIA_REQUEST_HEADERS)
         found: SharedMedia | CachedMedia | None = None

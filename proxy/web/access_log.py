@@ -1,17 +1,32 @@
-"""One log line per request, text or JSON; never a query string, token or credential.
+"""One log line per request, text or JSON; never a query string, token, cookie or credential.
 
 Query strings can hold an API key (``/proxy.m3u8?api_key=``) or an upstream URL, and stream
 tokens are bearer credentials for a stream: the line names the route and the cosmetic file name
-instead of the path.
+instead of the path. The upstream is named by its host name alone (no path, query, port or
+userinfo); the request id is the viewer's ``X-Request-Id`` only when it is a plain token (see
+:mod:`proxy.request_log`). No header value of the viewer's is logged otherwise.
+
+JSON lines (``server.log_format = "json"``) carry: ``time``, ``level``, ``logger``,
+``request_id``, ``method``, ``route``, ``path``, ``status``, ``bytes`` (sent on the wire,
+headers included, like nginx's ``$bytes_sent``), ``duration_ms``, ``upstream_host`` and
+``cache`` (empty when the request reached no upstream or no cache).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time as clock
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+
+from proxy import request_log
+from proxy.web.keys import REQUEST_FACTS
+
+# The LogRecord attribute the access fields travel in, from the access logger to the formatter.
+FIELDS_ATTR = "hlsrelay_access"
 
 
 def _describe(request: web.BaseRequest) -> tuple[str, str]:
@@ -24,42 +39,49 @@ def _describe(request: web.BaseRequest) -> tuple[str, str]:
     return route, request.path if route != "unmatched" else "-"
 
 
+def access_fields(
+    request: web.BaseRequest, response: web.StreamResponse, time: float
+) -> dict[str, Any]:
+    """The facts of one finished request, every one safe to log."""
+    route, path = _describe(request)
+    facts = request.get(REQUEST_FACTS)
+    if facts is None:  # refused before the middlewares ran (a malformed request line)
+        facts = request_log.RequestFacts(request_log.request_id_from(None))
+    return {
+        "request_id": facts.request_id,
+        "method": request.method,
+        "route": route,
+        "path": path,
+        "status": response.status,
+        "bytes": response.body_length,
+        "duration_ms": round(time * 1000, 2),
+        "upstream_host": facts.upstream_host,
+        "cache": facts.cache,
+    }
+
+
 class AccessLogger(AbstractAccessLogger):
-    json_lines = False
+    """Human lines: ``GET /s/…/seg.ts stream 200 1234B 5.1ms up=cdn.example cache=hit id=…``."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route, path = _describe(request)
-        request_id = request.headers.get("X-Request-Id", "")[:64]
-        if self.json_lines:
-            self.logger.info(
-                json.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": request.method,
-                        "route": route,
-                        "path": path,
-                        "status": response.status,
-                        "bytes": response.body_length,  # headers included, as aiohttp counts
-                        "duration_ms": round(time * 1000, 2),
-                    },
-                    separators=(",", ":"),
-                )
-            )
-        else:
-            self.logger.info(
-                "%s %s %s %d %dB %.1fms %s",
-                request.method,
-                path,
-                route,
-                response.status,
-                response.body_length,
-                time * 1000,
-                request_id,
-            )
+        f = access_fields(request, response, time)
+        self.logger.info(
+            "%s %s %s %d %dB %.1fms up=%s cache=%s id=%s",
+            f["method"],
+            f["path"],
+            f["route"],
+            f["status"],
+            f["bytes"],
+            f["duration_ms"],
+            f["upstream_host"] or "-",
+            f["cache"] or "-",
+            f["request_id"],
+            extra={FIELDS_ATTR: f},
+        )
 
 
 class JsonAccessLogger(AccessLogger):
-    json_lines = True
+    """The same record; :class:`JsonFormatter` writes its fields as one JSON object."""
 
 
 def access_logger_for(log_format: str) -> type[AbstractAccessLogger]:
@@ -69,7 +91,7 @@ def access_logger_for(log_format: str) -> type[AbstractAccessLogger]:
 def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -77,17 +99,27 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, then the access fields or the message."""
+
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.name == "aiohttp.access" and message.startswith("{"):
-            return message
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": message,
-            },
-            separators=(",", ":"),
-        )
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, FIELDS_ATTR, None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        else:
+            doc["message"] = record.getMessage()
+            if record.exc_info:
+                doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # RFC 3339 in UTC with milliseconds: what log shippers parse without configuration.
+        seconds = self.converter(record.created)
+        return f"{clock.strftime('%Y-%m-%dT%H:%M:%S', seconds)}.{int(record.msecs):03d}Z"
+
+    converter = staticmethod(clock.gmtime)

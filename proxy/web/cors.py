@@ -8,7 +8,10 @@ from aiohttp import web
 
 from proxy.web.keys import SETTINGS
 
-_EXPOSE = "Content-Length, Content-Range, Accept-Ranges, Content-Type, Age, ETag, Last-Modified"
+_EXPOSE = (
+    "Content-Length, Content-Range, Accept-Ranges, Content-Type, Age, ETag, Last-Modified, "
+    "X-Request-Id"
+)
 _ALLOW_HEADERS = "Range, If-Range, If-None-Match, If-Modified-Since, Authorization, Content-Type"
 _ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
 

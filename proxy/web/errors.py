@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy import request_log
 from proxy.errors import HlsRelayError
-from proxy.metrics import status_class
-from proxy.web.keys import METRICS
+from proxy.request_log import RequestFacts
+from proxy.web.keys import METRICS, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.web")
 
@@ -55,16 +56,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The outermost middleware: counts and times every request, and opens its log facts.
+
+    The facts (request id, upstream host, cache result) become the current ones for the
+    handler's task, so lower layers can note what they did; the access logger reads them.
+    """
     metrics = request.app[METRICS]
     route = request.match_info.route.name or "unmatched"
+    facts = RequestFacts(request_log.request_id_from(request.headers.get("X-Request-Id")))
+    request[REQUEST_FACTS] = facts
+    token = request_log.begin(facts)
     started = time.perf_counter()
-    metrics.in_flight.inc()
+    stats = metrics.http
+    stats.in_flight += 1
     status = 500
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
-        metrics.in_flight.dec()
-        metrics.requests.labels(route, status_class(status)).inc()
-        metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        request_log.end(token)
+        stats.in_flight -= 1
+        stats.done(route, status, time.perf_counter() - started)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: echo the request id, so a viewer's report finds its log line."""
+    facts = request.get(REQUEST_FACTS)
+    if facts is not None:
+        response.headers["X-Request-Id"] = facts.request_id

@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.channels.catalog import ChannelCatalog
 from proxy.live.pool import LivePool
 from proxy.metrics import Metrics
+from proxy.request_log import RequestFacts
 from proxy.settings import Settings
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.proxies import ProxyPool
@@ -25,3 +26,5 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CHANNELS = web.AppKey("channels", ChannelCatalog)
 LIVE = web.AppKey("live", LivePool)
 BACKGROUND = web.AppKey("background", dict[str, "asyncio.Task[None]"])
+# Per request: what its access-log line says (request id, upstream host, cache result).
+REQUEST_FACTS = web.RequestKey("request_facts", RequestFacts)

@@ -85,7 +85,7 @@ async def segment(request: web.Request) -> web.StreamResponse:
     found = session.segment(int(stem))
     session.touch_hls(_viewer_key(request))
     settings = request.app[SETTINGS].live
-    request.app[METRICS].bytes_out.labels("live_segment").inc(len(found.data))
+    request.app[METRICS].relayed("live_segment").inc(len(found.data))
     return web.Response(
         body=found.data,
         headers={
@@ -130,4 +130,4 @@ async def raw_ts(request: web.Request) -> web.StreamResponse:
     finally:
         subscription.close()
         session.ts_viewer_left()
-        metrics.bytes_out.labels("live_ts").inc(sent)
+        metrics.relayed("live_ts").inc(sent)

@@ -64,12 +64,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if isinstance(result, RewrittenPlaylist):
         if result.result in ("miss", "uncached"):  # hits and followers reuse one rewrite
             request.app[METRICS].playlists_rewritten.inc()
-        return _from_entry(request, result.entry, from_cache=result.from_cache)
+        answer = _from_entry(request, result.entry, from_cache=result.from_cache)
+        if request.method == "GET" and isinstance(answer.body, bytes):
+            # Bytes out include playlists (gzip'd when the viewer took it so): what went out.
+            request.app[METRICS].relayed("playlist").inc(len(answer.body))
+        return answer
     if isinstance(result, CachedMedia):
         response = _from_entry(request, result.entry, from_cache=True, byte_range=result.byte_range)
         if request.method == "GET" and response.status in (200, 206):
             sent = len(response.body) if isinstance(response.body, bytes) else 0
-            request.app[METRICS].bytes_out.labels(result.kind.name.lower()).inc(sent)
+            request.app[METRICS].relayed(result.kind.name.lower()).inc(sent)
         return response
     if isinstance(result, SharedMedia):
         return await _relay_shared(request, result)
@@ -193,7 +197,7 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
         return response
     finally:
         reader.close()
-        request.app[METRICS].bytes_out.labels(media.kind.name.lower()).inc(sent)
+        request.app[METRICS].relayed(media.kind.name.lower()).inc(sent)
     await response.write_eof()
     return response
 
@@ -234,6 +238,6 @@ async def _relay_media(
             _cut(request, sent, exc)
             return response
         finally:
-            request.app[METRICS].bytes_out.labels(kind_label).inc(sent)
+            request.app[METRICS].relayed(kind_label).inc(sent)
         await response.write_eof()
     return response

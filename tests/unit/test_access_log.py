@@ -1,4 +1,4 @@
-"""Access log lines: route names, JSON shape, and nothing secret."""
+"""Access log lines: route names, JSON shape, request ids, and nothing secret."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.web.access_log import AccessLogger, JsonAccessLogger
+from proxy.request_log import RequestFacts, request_id_from
+from proxy.web.access_log import AccessLogger, JsonAccessLogger, JsonFormatter
+from proxy.web.keys import REQUEST_FACTS
 
 
 async def _request(path: str) -> web.Request:
@@ -21,7 +23,9 @@ async def _request(path: str) -> web.Request:
 
     app.router.add_get("/healthz", handler, name="healthz")
     app.router.add_get("/s/{ctx}/{ref}/{name}", handler, name="stream")
-    request = make_mocked_request("GET", path, app=app, headers={"X-Request-Id": "abc"})
+    request = make_mocked_request(
+        "GET", path, app=app, headers={"X-Request-Id": "abc", "Cookie": "c=SECRETCOOKIE"}
+    )
     request._match_info = await app.router.resolve(request)
     return request
 
@@ -30,7 +34,7 @@ async def _request(path: str) -> web.Request:
     ("path", "logged_route", "logged_path"),
     [
         ("/healthz", "healthz", "/healthz"),
-        ("/s/CTXTOKEN/REFTOKEN/seg.ts", "stream", "/s/…/seg.ts"),
+        ("/s/CTXTOKEN/REFTOKEN/seg.ts?api_key=KEYTOKEN", "stream", "/s/…/seg.ts"),
         ("/no/such/TOKEN", "unmatched", "-"),
     ],
 )
@@ -38,15 +42,66 @@ async def test_access_lines(
     caplog: pytest.LogCaptureFixture, path: str, logged_route: str, logged_path: str
 ) -> None:
     request = await _request(path)
+    request[REQUEST_FACTS] = RequestFacts("abc", upstream_host="cdn.example", cache="hit")
     logger = logging.getLogger("test.access")
     caplog.set_level(logging.INFO, "test.access")
     JsonAccessLogger(logger, "").log(request, web.Response(status=200), 0.0123)
-    doc = json.loads(caplog.records[-1].getMessage())
+    doc = json.loads(JsonFormatter().format(caplog.records[-1]))
     assert doc["route"] == logged_route
     assert doc["path"] == logged_path
     assert doc["status"] == 200
     assert doc["request_id"] == "abc"
-    assert "TOKEN" not in caplog.text
+    assert doc["upstream_host"] == "cdn.example"
+    assert doc["cache"] == "hit"
+    assert doc["duration_ms"] == 12.3
+    assert doc["time"].endswith("Z")
+    assert doc["level"] == "info"
     AccessLogger(logger, "").log(request, web.Response(status=200), 0.0123)
-    assert logged_route in caplog.records[-1].getMessage()
-    assert "TOKEN" not in caplog.text
+    line = caplog.records[-1].getMessage()
+    assert logged_route in line
+    assert "up=cdn.example cache=hit id=abc" in line
+    for secret in ("TOKEN", "SECRETCOOKIE"):
+        assert secret not in caplog.text
+
+
+async def test_line_without_facts_gets_a_fresh_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    request = await _request("/healthz")
+    caplog.set_level(logging.INFO, "test.access")
+    JsonAccessLogger(logging.getLogger("test.access"), "").log(request, web.Response(), 0.001)
+    doc = json.loads(JsonFormatter().format(caplog.records[-1]))
+    assert len(doc["request_id"]) == 16
+    assert doc["upstream_host"] == ""
+
+
+@pytest.mark.parametrize(
+    ("header", "kept"),
+    [
+        ("abc-123", True),
+        ("0f8e2c1a-5b7d-4c3e-9a1b-2c3d4e5f6a7b", True),
+        ("a" * 64, True),
+        ("a" * 65, False),
+        ("", False),
+        ('x","status":200', False),
+        ("id with spaces", False),
+        ("line\nbreak", False),
+        (None, False),
+    ],
+)
+def test_request_id_is_kept_only_when_plain(header: str | None, kept: bool) -> None:
+    got = request_id_from(header)
+    assert (got == header) is kept
+    assert 1 <= len(got) <= 64
+
+
+def test_json_formatter_plain_messages_and_exceptions() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("hlsrelay", logging.ERROR, "f", 1, "failed %s", ("x",), None)
+        record.exc_info = sys.exc_info()
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "failed x"
+    assert doc["level"] == "error"
+    assert "ValueError: boom" in doc["exception"]
