@@ -291,13 +291,15 @@ class TokenCodec:
         base = ctx.base
         if not imports and url.startswith(base):
             # The commonest child, a segment beside its playlist, inlined: no helper calls.
-            plain = _FLAG_BYTES[kind | _REF_SUFFIX] + url[len(base) :].encode(
-                "utf-8", "surrogateescape"
-            )
+            suffix = url[len(base) :]
+            plain = _FLAG_BYTES[kind | _REF_SUFFIX] + suffix.encode("utf-8", "surrogateescape")
+            # "seg_00001.ts": the suffix is already the display name.
+            name = suffix if "/" not in suffix and _NAME_PLAIN_MATCH(suffix) else None
         else:
             plain = self._ref_plaintext(ctx, url, kind, imports)
+            name = None
         ref = b2a_base64(siv.encrypt(plain, None), newline=False).translate(_TO_URLSAFE)
-        path = f"{ref.rstrip(b'=').decode()}/{display_name(url, kind)}"
+        path = f"{ref.rstrip(b'=').decode()}/{name or display_name(url, kind)}"
         if len(cache) >= self._max_entries:
             cache = self._child_cache = _newer_half(cache)
         cache[key] = path
