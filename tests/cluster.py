@@ -18,16 +18,10 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.procs import free_port, process_table
+
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -100,21 +94,6 @@ async def _wait_ready(node: Instance) -> None:
     raise RuntimeError(f"{node.name} not ready: {node.log.read_text()[-2000:]}")
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) of every process, from /proc."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        found[int(entry)] = (int(fields[1]), fields[0])
-    return found
-
-
 def is_ffmpeg(pid: int) -> bool:
     try:
         return b"ffmpeg" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -126,13 +105,13 @@ def ffmpeg_children(pid: int) -> list[int]:
     """Running ffmpeg processes started by ``pid`` (its direct children)."""
     return [
         child
-        for child, (ppid, state) in _processes().items()
+        for child, (ppid, _pgid, state) in process_table().items()
         if ppid == pid and state != "Z" and is_ffmpeg(child)
     ]
 
 
 def alive(pid: int) -> bool:
-    state = _processes().get(pid)
+    state = process_table().get(pid)
     return state is not None and state[1] != "Z"
 
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.procs import free_port
 
 START_TIMEOUT_S = 15.0
 
@@ -32,12 +33,6 @@ def binary(name: str) -> str:
     if found is None:
         raise MissingBinary(f"{name} is not installed (make system-deps installs it)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.procs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 EDGE_TEMPLATE = REPO / "deploy" / "nginx" / "hlsrelay-edge.conf.template"
 START_TIMEOUT_S = 10.0
@@ -25,12 +27,6 @@ START_TIMEOUT_S = 10.0
 
 class MissingBinary(RuntimeError):
     """A system program the test needs is not installed."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _binary(name: str) -> str:

@@ -23,7 +23,6 @@ import hashlib
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from yarl import URL
 from proxy.settings import Settings
 from proxy.tokens import TokenCodec
 from proxy.upstream.relay import StreamRelay
+from tests.procs import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config" / "hlsrelay.toml"
@@ -236,12 +236,6 @@ def bench_rewrite(rounds: int) -> tuple[list[RewriteFigure], list[SizeFigure]]:
 def segment_bytes() -> bytes:
     """The 2 MiB every origin segment serves: random, so nothing on the path can compress it."""
     return random.Random(SEGMENT_SEED).randbytes(SEGMENT_BYTES)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

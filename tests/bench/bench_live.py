@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from proxy.channels.m3u import parse_m3u
 from proxy.live.process import find_ffmpeg
 from tests.bench.bench_core import Spread, machine
 from tests.live_origin import REFERER, TsOrigin
+from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COLD_ROUNDS = 5
@@ -50,12 +50,6 @@ CPU_SECONDS = 15.0
 SEGMENT_SECONDS = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.errors import ServiceUnavailable
 from proxy.live.process import find_ffmpeg
-from tests.integration.test_serve_process import free_port
 from tests.live_origin import REFERER, TsOrigin
+from tests.procs import free_port, process_table
 
 try:
     FFMPEG: str | None = find_ffmpeg("auto")
@@ -37,24 +37,9 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-def processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) of every process, from /proc."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        found[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
-    return found
-
-
 def related(root: int) -> set[int]:
     """Live processes whose parent or group is ``root`` or one of its descendants."""
-    table = processes()
+    table = process_table()
     family = {root}
     grew = True
     while grew:
@@ -129,8 +114,8 @@ headers = {{ Referer = "{REFERER}" }}
             # Live sessions stop at shutdown, not after the whole shutdown_timeout.
             assert time.monotonic() - started < 8
             viewer.close()
-        remaining = [pid for pid in children if pid in processes()]
-        remaining = [pid for pid in remaining if processes()[pid][2] != "Z"]
+        remaining = [pid for pid in children if pid in process_table()]
+        remaining = [pid for pid in remaining if process_table()[pid][2] != "Z"]
         assert remaining == []
         assert related(proc.pid) == set()
     finally:

@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.web.keys import RELAY
-from tests.integration.test_serve_process import free_port, serve, stream_url
+from tests.integration.test_serve_process import serve, stream_url
 from tests.integration.test_streams import follow, proxied_uris
 from tests.origin import Origin
+from tests.procs import free_port
 from tests.prometheus import MissingBinary, binary, prometheus_server
 
 Client = TestClient[Any, Any]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,15 +17,10 @@ from aiohttp import web
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
 from tests.origin import Origin
+from tests.procs import free_port
 
 SECRET = "process-test-secret-0123456789"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
