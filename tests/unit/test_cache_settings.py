@@ -31,6 +31,26 @@ def test_every_cache_key_is_documented_in_the_shipped_config() -> None:
         assert f"\n{name} = " in section, name
 
 
+def test_every_setting_of_every_section_is_in_the_shipped_config() -> None:
+    """Each key stands in config/hlsrelay.toml, set or as a commented example."""
+    import re
+    import typing
+
+    from proxy.settings import Settings
+
+    text = (REPO / "config" / "hlsrelay.toml").read_text()
+    missing = []
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        args = typing.get_args(model)
+        if args:  # tuple[ChannelSettings, ...] and the like
+            model = args[0]
+        for key in getattr(model, "model_fields", {}):
+            if not re.search(rf"^#? ?{re.escape(key)} = ", text, re.MULTILINE):
+                missing.append(f"{section}.{key}")
+    assert missing == []
+
+
 def test_env_selects_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[cache]\nmemory_bytes = 1000\n")
