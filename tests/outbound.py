@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port
+from tests.procs import free_port, stop
 
 START_TIMEOUT_S = 5.0
 
@@ -47,16 +47,6 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> N
             return
         time.sleep(0.02)
     raise RuntimeError(f"proxy did not listen on {port} within {START_TIMEOUT_S} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(3)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(3)
 
 
 @dataclass
@@ -113,7 +103,7 @@ def tinyproxy(user: str | None = None, password: str | None = None) -> Iterator[
             auth = f"{user}:{password}@" if user is not None else ""
             yield RealProxy(f"http://{auth}127.0.0.1:{port}", port, log, process.pid)
         finally:
-            _stop(process)
+            stop(process, 3)
 
 
 @contextlib.contextmanager
@@ -133,4 +123,4 @@ def microsocks(user: str | None = None, password: str | None = None) -> Iterator
             auth = f"{user}:{password}@" if user is not None else ""
             yield RealProxy(f"socks5://{auth}127.0.0.1:{port}", port, log, process.pid)
         finally:
-            _stop(process)
+            stop(process, 3)

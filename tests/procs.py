@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -28,3 +29,14 @@ def process_table() -> dict[int, tuple[int, int, str]]:
         fields = stat.rsplit(")", 1)[1].split()
         found[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
     return found
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaped. Safe when already gone."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

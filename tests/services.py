@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.procs import free_port
+from tests.procs import free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_TEMPLATE = REPO / "deploy" / "nginx" / "hlsrelay-edge.conf.template"
@@ -56,16 +56,6 @@ def _tail(log: Path) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
 @dataclass(frozen=True)
 class Redis:
     port: int
@@ -92,7 +82,7 @@ def redis_server() -> Iterator[Redis]:
             _wait_port(port, proc, log)
             yield Redis(port, proc.pid)
         finally:
-            _stop(proc)
+            stop(proc)
 
 
 @dataclass(frozen=True)
@@ -159,4 +149,4 @@ def nginx_edge(
             _wait_port(port, proc, prefix / "error.log")
             yield Edge(port, proc.pid, prefix)
         finally:
-            _stop(proc)
+            stop(proc)

@@ -43,6 +43,7 @@ from proxy.settings import Settings
 from proxy.tokens import TokenCodec
 from proxy.upstream.relay import StreamRelay
 from tests.procs import free_port as _free_port
+from tests.procs import stop
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config" / "hlsrelay.toml"
@@ -260,13 +261,7 @@ def started(name: str, args: list[str], env: dict[str, str]) -> Iterator[Started
         try:
             yield Started(name, proc, log)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            stop(proc)
 
 
 def _wait_ready(process: Started, url: str) -> None:

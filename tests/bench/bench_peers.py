@@ -62,6 +62,7 @@ from yarl import URL
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
 from tests.bench.bench_core import REPO, SHIPPED_CONFIG, Spread, _free_port, machine
+from tests.procs import stop
 
 COMMAND = "python -m tests.bench.bench_peers"
 SECRET = "bench-peers-secret-0123456789abcdef"
@@ -167,13 +168,7 @@ def running(
     try:
         yield process
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, 10)
 
 
 def wait_ready(process: Process, url: str, headers: dict[str, str] | None = None) -> None:
