@@ -37,7 +37,7 @@ import zlib
 from binascii import b2a_base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -79,7 +79,9 @@ _RESERVED_HEADERS = frozenset(
     }
 )
 _NAME_SAFE_RE = re.compile(r"[^A-Za-z0-9._~-]")
-_NAME_PLAIN_MATCH = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,63}").fullmatch
+_NAME_PLAIN = r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,63}"
+_NAME_PLAIN_MATCH = re.compile(_NAME_PLAIN).fullmatch
+_NAMES_PLAIN_MATCH = re.compile(f"(?:{_NAME_PLAIN}\n)*").fullmatch  # newline-terminated names
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FLAG_BYTES = tuple(bytes([flags]) for flags in range(256))
 _MAX_NAME_CHARS = 64
@@ -304,6 +306,86 @@ class TokenCodec:
             cache = self._child_cache = _newer_half(cache)
         cache[key] = path
         return path
+
+    def child_paths(
+        self, ctx_token: str, ctx: StreamContext, urls: list[str], kind: UriKind
+    ) -> list[str]:
+        """``child_path`` for many URLs of one kind and no imports: the same paths, minted faster.
+
+        A cold 3,000-segment playlist is 3,000 mints, and per URL the Python around the cipher
+        (calls, key tuples, base64 and name checks one at a time) costs twice the cipher itself.
+        Here every step but the cipher runs once over the whole list in C (joined strings, one
+        base64 pass, one regex) and the cipher is driven by ``map``.
+        """
+        cache = self._child_cache
+        keys = [(ctx_token, url, kind) for url in urls]
+        found: list[str | None] = list(map(cache.get, keys))
+        missing = [i for i, path in enumerate(found) if path is None]
+        if not missing:
+            return found  # type: ignore[return-value]
+        todo = urls if len(missing) == len(urls) else [urls[i] for i in missing]
+        joined = "\n".join(todo)
+        if joined.count("\n") != len(todo) - 1:  # a URL with a newline: one at a time
+            paths = [self.child_path(ctx_token, ctx, url, kind) for url in todo]
+        else:
+            paths = self._mint_paths(ctx_token, ctx, todo, joined, kind)
+            new_keys = keys if todo is urls else [keys[i] for i in missing]
+            limit = self._max_entries
+            if len(cache) + len(paths) > limit:
+                # Keep at most the newer half, and leave room for what was just minted.
+                keep = max(0, min(len(cache) // 2, limit - len(paths)))
+                cache = self._child_cache = dict(islice(cache.items(), len(cache) - keep, None))
+            minted = zip(new_keys, paths, strict=True)
+            cache.update(islice(minted, max(0, len(paths) - limit), None))
+        if todo is urls:
+            return paths
+        for i, path in zip(missing, paths, strict=True):
+            found[i] = path
+        return found  # type: ignore[return-value]
+
+    def _mint_paths(
+        self, ctx_token: str, ctx: StreamContext, urls: list[str], joined: str, kind: UriKind
+    ) -> list[str]:
+        """``{ref}/{name}`` for URLs without newlines (``joined`` is them joined by one)."""
+        siv = self._ref_sivs.get(ctx_token) or self._ref_siv(ctx_token)
+        base = ctx.base
+        cut = len(base)
+        under = [url.startswith(base) for url in urls]
+        if all(under):
+            flag = _FLAG_BYTES[kind | _REF_SUFFIX]
+            texts = [url[cut:] for url in urls]
+            payloads = "\n".join(texts).encode("utf-8", "surrogateescape").split(b"\n")
+            plains = [flag + payload for payload in payloads]
+        else:
+            plains = [
+                _FLAG_BYTES[kind | _REF_SUFFIX] + url[cut:].encode("utf-8", "surrogateescape")
+                if inside
+                else _FLAG_BYTES[int(kind)] + url.encode("utf-8", "surrogateescape")
+                for url, inside in zip(urls, under, strict=True)
+            ]
+        sealed = map(siv.encrypt, plains, repeat(None))
+        # b2a_base64 ends each token with a newline: the join is a newline-separated list.
+        refs = (
+            b"".join(map(b2a_base64, sealed))
+            .translate(_TO_URLSAFE)
+            .replace(b"=", b"")
+            .decode()
+            .split("\n")
+        )
+        refs.pop()  # after the last newline
+        # display_name's common case, for every URL at once: no '#', and each last path part
+        # before the query is a plain name (one match over them all, one name a line).
+        names: list[str] | None = None
+        if "#" not in joined:
+            names = [url.partition("?")[0].rpartition("/")[2] for url in urls]
+            if not _NAMES_PLAIN_MATCH("\n".join(names) + "\n"):
+                names = [
+                    name if _NAME_PLAIN_MATCH(name) else display_name(url, kind)
+                    for name, url in zip(names, urls, strict=True)
+                ]
+        else:
+            names = [display_name(url, kind) for url in urls]
+        return [f"{ref}/{name}" for ref, name in zip(refs, names, strict=True)]
 
     def mint_ref(
         self,

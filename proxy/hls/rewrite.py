@@ -33,6 +33,13 @@ UriMapper = Callable[[str, UriKind, Mapping[str, str]], str]
 playlist for the PLAYLIST children of a multivariant playlist that defines any, otherwise an
 empty mapping."""
 
+MediaMapper = Callable[[list[str]], list[bytes]]
+"""``map_media(absolute_upstream_urls)`` -> their replacement URI bytes, in order.
+
+The same mapping as a :data:`UriMapper` gives for ``UriKind.MEDIA`` and no imports, for many URIs
+at once: a cold playlist's segment lines are collected and mapped in one call, which lets the
+mapper do its per-URI work in bulk (see ``TokenCodec.child_paths``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlaylistInfo:
@@ -115,9 +122,11 @@ class _PlaylistRewriter:
         imported: Mapping[str, str],
         defines: Variables | None,
         line_memo: MutableMapping[bytes, bytes] | None = None,
+        map_media: MediaMapper | None = None,
     ) -> None:
         self._base = PlaylistBase(playlist_url)
         self._map_uri = map_uri
+        self._map_media = map_media
         self._line_memo = line_memo
         self._query_urls = query_urls
         self._imported = imported
@@ -164,6 +173,11 @@ class _PlaylistRewriter:
         fast_count = 0
         dropped_at = -1
         memo = self._line_memo
+        # With a batch mapper, plain segment lines are left in place and mapped after the loop.
+        batch = self._map_media is not None
+        pending_at: list[int] = []
+        pending_lines: list[bytes] = []
+        pending_urls: list[str] = []
         for line in lines:
             if not line:
                 append(line)
@@ -200,7 +214,12 @@ class _PlaylistRewriter:
                         url = resolve(text)
                         if url is None:
                             rewritten = line  # skd:, data:, other schemes: as written
-                    if url is not None:
+                    if url is not None and batch:
+                        pending_at.append(len(output))
+                        pending_lines.append(line)
+                        pending_urls.append(url)
+                        rewritten = line  # a placeholder until the batch is mapped
+                    elif url is not None:
                         fast_count += 1
                         replacement = map_uri(url, media, no_imports)
                         try:
@@ -222,8 +241,27 @@ class _PlaylistRewriter:
         if dropped_at == len(output):
             # The dropped last line had no newline of its own; the one before it stays.
             append(b"")
+        if pending_urls:
+            self._map_pending(output, pending_at, pending_lines, pending_urls)
         self.uri_count += fast_count
         return output
+
+    def _map_pending(
+        self, output: list[bytes], at: list[int], lines: list[bytes], urls: list[str]
+    ) -> None:
+        """Map the collected segment lines in one call; put them in place and in the memo."""
+        assert self._map_media is not None
+        replacements = self._map_media(urls)
+        if any(line[-1] == 0x0D for line in lines):  # a CRLF playlist keeps its \r
+            replacements = [
+                replacement + b"\r" if line[-1] == 0x0D else replacement
+                for replacement, line in zip(replacements, lines, strict=True)
+            ]
+        for index, replacement in zip(at, replacements, strict=True):
+            output[index] = replacement
+        if self._line_memo is not None:
+            self._line_memo.update(zip(lines, replacements, strict=True))
+        self.uri_count += len(urls)
 
     # -- lines ---------------------------------------------------------------------------
 
@@ -404,6 +442,7 @@ def rewrite_playlist(
     request_url: str | None = None,
     imported: Mapping[str, str] | None = None,
     line_memo: MutableMapping[bytes, bytes] | None = None,
+    map_media: MediaMapper | None = None,
 ) -> tuple[bytes, PlaylistInfo]:
     """Rewrite every URI of an m3u8 body through ``map_uri``; keep every other byte.
 
@@ -416,6 +455,10 @@ def rewrite_playlist(
     variables, not a variant) so that a reload only resolves and maps the lines it has not seen.
     It is only valid for one ``playlist_url`` and one deterministic ``map_uri``: the caller keys
     its memos by both.
+
+    ``map_media``, when given, maps those same plain segment URI lines in one call after the pass
+    (it must agree with ``map_uri`` for ``UriKind.MEDIA`` without imports); the other URIs still
+    go through ``map_uri`` one at a time, as they come.
     """
     bom = b""
     if body.startswith(_BOM):
@@ -428,7 +471,9 @@ def rewrite_playlist(
     defines: Variables | None = None
     if _DEFINE_PREFIX in body:
         defines = _evaluate_defines(lines, query_urls, imported)
-    rewriter = _PlaylistRewriter(playlist_url, map_uri, query_urls, imported, defines, line_memo)
+    rewriter = _PlaylistRewriter(
+        playlist_url, map_uri, query_urls, imported, defines, line_memo, map_media
+    )
     output = rewriter.rewrite_lines(lines)
     info = PlaylistInfo(
         is_multivariant=rewriter.is_multivariant,

@@ -668,15 +668,19 @@ class StreamRelay:
     ) -> tuple[bytes, PlaylistInfo]:
         """Rewrite ``body``; ``collect`` (when given) receives every child URL and its kind."""
         codec = self._codec
-        if self._relative:
-            # The playlist lives at .../s/{ctx}/{ref}/{name}: "../{ref}/{name}" is its sibling.
-            def map_uri(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
-                return "../" + codec.child_path(ctx_token, ctx, child, kind, child_imports)
-        else:
-            root = f"{self.prefix}/s/{ctx_token}/"
+        # The playlist lives at .../s/{ctx}/{ref}/{name}: "../{ref}/{name}" is its sibling.
+        lead = "../" if self._relative else f"{self.prefix}/s/{ctx_token}/"
 
-            def map_uri(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
-                return root + codec.child_path(ctx_token, ctx, child, kind, child_imports)
+        def map_uri(child: str, kind: UriKind, child_imports: Mapping[str, str]) -> str:
+            return lead + codec.child_path(ctx_token, ctx, child, kind, child_imports)
+
+        def map_media(children: list[str]) -> list[bytes]:
+            if collect is not None:
+                collect.extend((child, UriKind.MEDIA) for child in children)
+            paths = codec.child_paths(ctx_token, ctx, children, UriKind.MEDIA)
+            # One encode for them all; tokens and names never hold a newline.
+            joined = lead + ("\n" + lead).join(paths)
+            return joined.encode("utf-8", "surrogateescape").split(b"\n")
 
         mapper = map_uri
         memo: dict[bytes, bytes] | None = None
@@ -700,6 +704,7 @@ class StreamRelay:
             request_url=request_url,
             imported=imports or None,
             line_memo=memo,
+            map_media=map_media,
         )
         if memo is None:
             return result

@@ -214,12 +214,23 @@ class Oracle:
         return "".join(pieces) + line[done:]
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
-def test_corpus_playlist_rewrites_every_uri_and_nothing_else(path: Path) -> None:
+def test_corpus_playlist_rewrites_every_uri_and_nothing_else(path: Path, batch: bool) -> None:
+    """Batched: plain segment lines go through ``map_media`` (as StreamRelay does) instead."""
     body = path.read_bytes()
     mapper = RecordingMapper()
+
+    def map_media(urls: list[str]) -> list[bytes]:
+        return [mapper(url, UriKind.MEDIA, {}).encode() for url in urls]
+
     output, info = rewrite_playlist(
-        body, PLAYLIST_URL, mapper, request_url=REQUEST_URL, imported=IMPORTED
+        body,
+        PLAYLIST_URL,
+        mapper,
+        request_url=REQUEST_URL,
+        imported=IMPORTED,
+        map_media=map_media if batch else None,
     )
     oracle = Oracle()
     expected = oracle.expected(body)

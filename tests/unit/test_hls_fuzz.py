@@ -151,6 +151,42 @@ def test_mutated_real_playlists_never_raise_and_keep_non_uri_lines(body: bytes) 
     check_invariants(body)
 
 
+def marking_mapper(url: str, kind: UriKind, imports: Mapping[str, str]) -> str:
+    return f"/{kind.name}/{url}/{sorted(imports.items())}"
+
+
+def check_batched_agrees(body: bytes) -> None:
+    """``map_media`` (batched segment lines), with and without a line memo, cold and warm,
+    gives byte for byte what the one-by-one mapper gives, and counts the same URIs."""
+    expected, info = rewrite_playlist(body, PLAYLIST_URL, marking_mapper)
+
+    def map_media(urls: list[str]) -> list[bytes]:
+        return [
+            marking_mapper(url, UriKind.MEDIA, {}).encode("utf-8", "surrogateescape")
+            for url in urls
+        ]
+
+    memo: dict[bytes, bytes] = {}
+    for line_memo in (None, memo, memo):
+        output, batched = rewrite_playlist(
+            body, PLAYLIST_URL, marking_mapper, line_memo=line_memo, map_media=map_media
+        )
+        assert output == expected
+        assert batched == info
+
+
+@settings(max_examples=300)
+@given(st.lists(st.lists(LINE_PIECES, max_size=4).map(b"".join), max_size=30))
+def test_batched_segment_mapping_agrees_on_playlist_shaped_input(lines: list[bytes]) -> None:
+    check_batched_agrees(b"\n".join(lines))
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_playlists())
+def test_batched_segment_mapping_agrees_on_mutated_real_playlists(body: bytes) -> None:
+    check_batched_agrees(body)
+
+
 @given(st.binary(max_size=500), st.integers(min_value=0, max_value=600))
 def test_attribute_scanner_never_raises_and_stays_inside_the_line(line: bytes, start: int) -> None:
     previous_end = start

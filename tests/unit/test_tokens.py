@@ -190,3 +190,67 @@ def test_full_caches_evict_the_older_half_and_keep_working() -> None:
         ref = c.open_ref(token, ctx, paths[i].split("/")[0])
         assert ref.url == f"https://cdn.example.com/vod/abc/s{i}.ts"
     assert len(c._ref_cache) <= 100
+
+
+BATCH_URLS = [
+    "https://cdn.example.com/vod/abc/seg_00001.ts",  # beside the playlist: the suffix form
+    "https://cdn.example.com/vod/abc/720p/seg_00002.ts",  # under the base, deeper
+    "https://cdn.example.com/vod/abc/seg_00003.ts?token=0f3a&expires=1767225600",
+    "https://other.example.net/x/seg_00004.ts?sig=abc",  # not under the base
+    "https://cdn.example.com/vod/abc/seg%205.ts",  # a name that must be cleaned
+    "https://cdn.example.com/vod/abc/",  # no name at all
+    "https://cdn.example.com/vod/abc/a.ts#frag?x",  # '#' before '?'
+    "https://cdn.example.com/vod/abc/\u00e9t\u00e9.ts",  # non-ASCII
+    "https://cdn.example.com/vod/abc/raw\udcff.ts",  # a byte that was not UTF-8
+    "https://cdn.example.com/vod/abc/seg_00001.ts",  # a repeat
+    "https://cdn.example.com/vod/abc/" + "n" * 80 + ".ts",  # a name too long to keep
+]
+
+
+@pytest.mark.parametrize("kind", list(UriKind))
+@pytest.mark.parametrize(
+    "urls",
+    [
+        BATCH_URLS,
+        [u for u in BATCH_URLS if u.startswith("https://cdn.example.com/vod/abc/")],
+        [f"https://cdn.example.com/vod/abc/seg_{n:05d}.ts" for n in range(50)],
+        ["https://cdn.example.com/vod/abc/line\nbreak.ts", *BATCH_URLS[:3]],
+        [],
+    ],
+    ids=["mixed", "all-under-base", "plain-names", "newline", "empty"],
+)
+def test_child_paths_give_exactly_what_child_path_gives(urls: list[str], kind: UriKind) -> None:
+    one, many = codec(), codec()
+    token = one.mint_context(URL, HEADERS)
+    expected = [one.child_path(token, one.open_context(token), url, kind) for url in urls]
+    ctx = many.open_context(token)
+    assert many.child_paths(token, ctx, urls, kind) == expected
+    # Memoised: the single-URL path now finds what the batch minted, and vice versa.
+    for url, path in zip(urls, expected, strict=True):
+        assert many.child_path(token, ctx, url, kind) == path
+        assert many.open_ref(token, ctx, path.split("/")[0]).url == url
+    assert one.child_paths(token, one.open_context(token), urls, kind) == expected
+
+
+def test_child_paths_mint_only_what_is_missing() -> None:
+    c = codec()
+    token = c.mint_context(URL, HEADERS)
+    ctx = c.open_context(token)
+    first = c.child_path(token, ctx, BATCH_URLS[2], UriKind.MEDIA)
+    paths = c.child_paths(token, ctx, BATCH_URLS[:4], UriKind.MEDIA)
+    assert paths[2] is first  # taken from the cache, not minted again
+    assert paths == [codec().child_path(token, ctx, u, UriKind.MEDIA) for u in BATCH_URLS[:4]]
+
+
+def test_child_paths_keep_the_cache_bounded() -> None:
+    c = TokenCodec(SECRET, cache_entries=100)
+    token = c.mint_context(URL, {})
+    ctx = c.open_context(token)
+    urls = [f"https://cdn.example.com/vod/abc/s{i}.ts" for i in range(90)]
+    c.child_paths(token, ctx, urls, UriKind.MEDIA)
+    c.child_paths(token, ctx, [u + "?again" for u in urls], UriKind.MEDIA)
+    assert len(c._child_cache) <= 100
+    big = [f"https://cdn.example.com/vod/abc/big{i}.ts" for i in range(150)]
+    paths = c.child_paths(token, ctx, big, UriKind.MEDIA)
+    assert len(c._child_cache) <= 100
+    assert paths == [codec().child_path(token, ctx, u, UriKind.MEDIA) for u in big]
