@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -68,6 +68,11 @@ _PLAYLIST_TYPES: Final = frozenset({"VOD", "EVENT"})
 # A URI line starting with one of these is not a plain relative path (root-relative,
 # network-path, query-only, or possibly a dot segment).
 _NOT_PLAIN_FIRST_BYTES: Final = frozenset(b"/?.")
+# After "https://", these (or nothing) mean an empty host, which PlaylistBase.resolve refuses.
+_NOT_A_HOST: Final = ("", "/", "?", "#", "\n")
+# _PlaylistRewriter._resolve_bytes: a line to leave to the general path (a str never equal to
+# a URL, compared by identity).
+_GENERAL: Final = "\x00general"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +182,6 @@ class _PlaylistRewriter:
         batch = self._map_media is not None
         pending_at: list[int] = []
         pending_lines: list[bytes] = []
-        pending_urls: list[str] = []
         for line in lines:
             if not line:
                 append(line)
@@ -187,13 +191,26 @@ class _PlaylistRewriter:
                 # EXTINF is most of a media playlist and never holds a URI or an attribute list.
                 rewritten = line if line.startswith(b"#EXTINF") else tag_line(line, 0)
             elif directory is not None and first > 0x20:
-                if memo is not None and not self._variant_pending:
-                    # A reload of the same playlist: a line seen before is rewritten as before.
-                    rewritten = memo.get(line)
-                    if rewritten is not None:
-                        fast_count += 1
-                        append(rewritten)
-                        continue
+                if not self._variant_pending:
+                    if memo is not None:
+                        # A reload of the same playlist: a line seen before is rewritten as
+                        # before.
+                        rewritten = memo.get(line)
+                        if rewritten is not None:
+                            fast_count += 1
+                            append(rewritten)
+                            continue
+                    if batch:
+                        # A segment line without blanks around it (a CRLF line's \r aside):
+                        # resolved and mapped with the others after the loop.
+                        last = line[-1]
+                        if last == 0x0D and len(line) > 1:
+                            last = line[-2]
+                        if last > 0x20:
+                            pending_at.append(len(output))
+                            pending_lines.append(line)
+                            append(line)
+                            continue
                 rewritten = None
                 # A URI line of a playlist without variables, also with the \r of a CRLF
                 # playlist after it: resolved here rather than in uri_line, which is general.
@@ -214,12 +231,7 @@ class _PlaylistRewriter:
                         url = resolve(text)
                         if url is None:
                             rewritten = line  # skd:, data:, other schemes: as written
-                    if url is not None and batch:
-                        pending_at.append(len(output))
-                        pending_lines.append(line)
-                        pending_urls.append(url)
-                        rewritten = line  # a placeholder until the batch is mapped
-                    elif url is not None:
+                    if url is not None:
                         fast_count += 1
                         replacement = map_uri(url, media, no_imports)
                         try:
@@ -241,18 +253,42 @@ class _PlaylistRewriter:
         if dropped_at == len(output):
             # The dropped last line had no newline of its own; the one before it stays.
             append(b"")
-        if pending_urls:
-            self._map_pending(output, pending_at, pending_lines, pending_urls)
+        if pending_lines:
+            self._map_pending(output, pending_at, pending_lines)
         self.uri_count += fast_count
         return output
 
-    def _map_pending(
-        self, output: list[bytes], at: list[int], lines: list[bytes], urls: list[str]
-    ) -> None:
-        """Map the collected segment lines in one call; put them in place and in the memo."""
+    def _map_pending(self, output: list[bytes], at: list[int], lines: list[bytes]) -> None:
+        """Resolve and map the collected segment lines at once; put them in place and in the memo.
+
+        Decoding, the checks that pick a shortcut, and the resolution itself run on all the lines
+        joined (C loops rather than Python ones); mixed or unusual playlists go line by line.
+        """
         assert self._map_media is not None
-        replacements = self._map_media(urls)
-        if any(line[-1] == 0x0D for line in lines):  # a CRLF playlist keeps its \r
+        references = lines
+        joined = b"\n".join(lines)
+        crlf = b"\r" in joined
+        if crlf:
+            references = [line[:-1] if line[-1] == 0x0D else line for line in lines]
+            joined = b"\n".join(references)
+        urls: Sequence[str | None]
+        try:
+            urls, all_urls = self._resolve_joined(joined.decode(), len(lines))
+        except UnicodeDecodeError:
+            urls, all_urls = [self._resolve_bytes(reference) for reference in references], False
+        if not all_urls and (None in urls or _GENERAL in urls):
+            # Kept as written (skd:, data:) or left to the general path (not UTF-8).
+            for index, line, url in zip(at, lines, urls, strict=True):
+                if url is _GENERAL:
+                    output[index] = self._media_uri_line(line)
+            mapped = [i for i, url in enumerate(urls) if url is not None and url is not _GENERAL]
+            at = [at[i] for i in mapped]
+            lines = [lines[i] for i in mapped]
+            urls = [urls[i] for i in mapped]
+            if not urls:
+                return
+        replacements = self._map_media(urls)  # type: ignore[arg-type]
+        if crlf:  # the lines that had a \r keep it
             replacements = [
                 replacement + b"\r" if line[-1] == 0x0D else replacement
                 for replacement, line in zip(replacements, lines, strict=True)
@@ -263,6 +299,45 @@ class _PlaylistRewriter:
             self._line_memo.update(zip(lines, replacements, strict=True))
         self.uri_count += len(urls)
 
+    def _resolve_joined(self, joined: str, count: int) -> tuple[Sequence[str | None], bool]:
+        """The URLs of ``count`` references joined by newlines (None: not a web URL), and
+        whether all of them are URLs (no None)."""
+        directory = self._base.directory
+        assert directory is not None
+        heads = "\n" + joined
+        if "/." not in joined:
+            if (
+                ":" not in joined
+                and "\n/" not in heads
+                and "\n?" not in heads
+                and "\n." not in heads
+            ):
+                # All "seg_00001.ts": the directory in front of each (PlaylistBase.resolve).
+                return (directory + joined.replace("\n", "\n" + directory)).split("\n"), True
+            # All absolute already, when every line starts like the first: a lower-case web
+            # scheme and the first character of a host (not "/", "?", "#": empty hosts).
+            if joined.startswith(("https://", "http://")):
+                host_at = joined.index("//") + 2
+                if (
+                    joined[host_at : host_at + 1] not in _NOT_A_HOST
+                    and heads.count("\n" + joined[: host_at + 1]) == count
+                ):
+                    return joined.split("\n"), True
+        resolve = self._resolve_text
+        return [resolve(text) for text in joined.split("\n")], False
+
+    def _resolve_text(self, text: str) -> str | None:
+        """PlaylistBase.resolve, with the commonest form, "seg_00001.ts", inlined."""
+        if text[0] not in "/?." and "/." not in text and ":" not in text:
+            return self._base.directory + text  # type: ignore[operator]
+        return self._base.resolve(text)
+
+    def _resolve_bytes(self, reference: bytes) -> str | None:
+        try:
+            return self._resolve_text(reference.decode())
+        except UnicodeDecodeError:
+            return _GENERAL  # not valid UTF-8: the general path keeps its bytes
+
     # -- lines ---------------------------------------------------------------------------
 
     def uri_line(self, line: bytes) -> bytes | None:
@@ -272,12 +347,19 @@ class _PlaylistRewriter:
             return line
         if uri[0] == 0x23:
             return self.tag_line(line, line.index(b"#"))
-        if self._variant_pending:
-            kind, imports = UriKind.PLAYLIST, self._imports
-            self._variant_pending = False
-        else:
-            kind, imports = UriKind.MEDIA, _NO_IMPORTS
-        replacement = self._rewrite_uri(uri, kind, imports)
+        if not self._variant_pending:
+            return self._media_uri_line(line, uri)
+        self._variant_pending = False
+        return self._splice(line, uri, self._rewrite_uri(uri, UriKind.PLAYLIST, self._imports))
+
+    def _media_uri_line(self, line: bytes, uri: bytes | None = None) -> bytes:
+        """A URI line that is not a variant stream's: media (segments, parts)."""
+        if uri is None:
+            uri = line.strip()
+        return self._splice(line, uri, self._rewrite_uri(uri, UriKind.MEDIA, _NO_IMPORTS))
+
+    @staticmethod
+    def _splice(line: bytes, uri: bytes, replacement: bytes | None) -> bytes:
         if replacement is None:
             return line
         if uri is line:  # nothing around the URI (bytes.strip returns the object itself)

@@ -677,7 +677,8 @@ class StreamRelay:
         def map_media(children: list[str]) -> list[bytes]:
             if collect is not None:
                 collect.extend((child, UriKind.MEDIA) for child in children)
-            paths = codec.child_paths(ctx_token, ctx, children, UriKind.MEDIA)
+            # With a line memo, that memo is what a reload finds: the codec need not keep them too.
+            paths = codec.child_paths(ctx_token, ctx, children, UriKind.MEDIA, memoise=memo is None)
             # One encode for them all; tokens and names never hold a newline.
             joined = lead + ("\n" + lead).join(paths)
             return joined.encode("utf-8", "surrogateescape").split(b"\n")
