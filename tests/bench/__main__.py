@@ -49,7 +49,8 @@ def _rewrite_table(figures: list[RewriteFigure]) -> list[str]:
     rows = [
         f"## Rewriting a {SEGMENTS:,}-segment live media playlist",
         "",
-        "`StreamRelay.rewrite` (the rewriter and the real `TokenCodec.child_path` mapper, "
+        "`StreamRelay.rewrite` (the rewriter and the real token mapper, `TokenCodec.child_paths` "
+        "for segment lines, "
         "relative child URIs as shipped). Cold: a fresh `TokenCodec`, nothing memoised "
         "(one AES-SIV seal per URI). Cached: the same codec again, as on a live reload. "
         f"Targets: ≤ {COLD_TARGET_MS:g} ms cold, ≤ {CACHED_TARGET_MS:g} ms cached.",
