@@ -290,6 +290,11 @@ class BodyReader:
         """
         return await self._body._first_write(self, write)
 
+    @property
+    def shared(self) -> bool:
+        """Other readers follow the same body now."""
+        return self._body.readers > 1
+
     def __aiter__(self) -> BodyReader:
         return self
 
