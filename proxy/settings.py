@@ -55,6 +55,10 @@ class ServerSettings(_Section):
     """Path prefix all routes live under (e.g. "/hls"), for a proxy behind a path-routing edge."""
     shutdown_timeout: float = Field(10.0, ge=0)
     """Seconds in-flight responses may take to finish after SIGTERM."""
+    backlog: int = Field(4096, ge=1, le=65535)
+    """Connections the kernel holds for hlsrelay to accept (capped by net.core.somaxconn).
+    Past it a new connection's handshake is dropped and retried after 1 s, then 3 s: a crowd of
+    players arriving while the loop is busy must fit."""
     log_format: Literal["text", "json"] = "text"
     child_uris: Literal["relative", "root"] = "relative"
     """How a rewritten playlist refers to its children: "relative" (``../ref/name``, compact)

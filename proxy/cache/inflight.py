@@ -19,15 +19,23 @@ has it, not after the whole body; a late joiner first gets what has arrived so f
   (such a body is then neither stored nor joined by late viewers).
 
 The pump never waits for readers before spilling: a slow viewer slows only itself.
+
+A crowd waiting for a body's first byte is let go by the pump itself: each waiting reader may
+hand it a *first write* (:meth:`BodyReader.first_bytes`), and the pump runs all of them in one
+loop when the first chunk arrives, instead of waking every reader's task to write its own. The
+readers then follow at their own pace. A first write must not wait for anything (a write into an
+empty socket buffer); one that does is closed and that reader alone gets
+:class:`FirstWriteWaited`.
+
 This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.cache.tasks import BackgroundTasks
 from proxy.errors import HlsRelayError, UpstreamUnreachable
@@ -39,7 +47,10 @@ class BodyHead:
 
     status: int
     headers: tuple[tuple[str, str], ...]
+    """The viewers' response headers."""
     length: int | None
+    storable: bool = True
+    """False when the upstream said the body must not be stored (``Cache-Control: no-store``)."""
 
 
 class BodySource(Protocol):
@@ -64,6 +75,23 @@ class BodySource(Protocol):
 
 Opener = Callable[[], Awaitable[BodySource]]
 OnComplete = Callable[[BodyHead, bytes], Awaitable[None]]
+FirstWrite = Callable[[memoryview], Coroutine[Any, Any, int]]
+"""Writes a reader's first bytes from the body's first chunk; returns how many it took."""
+
+
+class FirstWriteWaited(RuntimeError):
+    """A first write waited for something; it was closed there (its reader must be cut off)."""
+
+
+def _run_now(write: Coroutine[Any, Any, int]) -> int:
+    """Run ``write`` to its end now, in the pump's turn; it must not wait for anything."""
+    try:
+        write.send(None)
+    except StopIteration as done:
+        taken: int = done.value
+        return taken
+    write.close()
+    raise FirstWriteWaited("a first write waited for something")
 
 
 class _Meter:
@@ -90,7 +118,14 @@ class SharedBody:
         self._readers: dict[BodyReader, int] = {}
         self._more = asyncio.Event()
         self._room = asyncio.Event()
-        self._head: asyncio.Future[BodyHead] = asyncio.get_running_loop().create_future()
+        # An event, not a future: a crowd waits on it, and a future would need a shield per
+        # waiter (one waiter cancelled must not cancel it for all), two callbacks per wake-up.
+        self._head_ready = asyncio.Event()
+        self._head: BodyHead | None = None
+        self._head_waiters = 0
+        # Readers waiting for the first chunk with a write for the pump to run: reader -> (the
+        # write, the future its task waits on).
+        self._first_writes: dict[BodyReader, tuple[FirstWrite, asyncio.Future[int]]] = {}
         self.done = False
         self.error: HlsRelayError | None = None
         self.spilled = False
@@ -110,8 +145,27 @@ class SharedBody:
         return len(self._readers)
 
     async def head(self) -> BodyHead:
-        # shield: many readers await the one future; one leaving must not cancel it.
-        return await asyncio.shield(self._head)
+        """The upstream's status and headers, once in; the body's error if it failed first."""
+        if self._head is None and self.error is None:
+            self._head_waiters += 1
+            try:
+                await self._head_ready.wait()
+            finally:
+                self._head_waiters -= 1
+        if self._head is None:
+            assert self.error is not None
+            raise self.error
+        return self._head
+
+    async def _first_write(self, reader: BodyReader, write: FirstWrite) -> int:
+        if self._chunks or self._first or self.done or self.error is not None:
+            return 0  # bytes are there (or never will be): the reader writes them itself
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._first_writes[reader] = (write, future)
+        try:
+            return await future
+        finally:
+            self._first_writes.pop(reader, None)
 
     async def _next(self, reader: BodyReader) -> bytes | None:
         while True:
@@ -130,6 +184,7 @@ class SharedBody:
             await more.wait()
 
     def _leave(self, reader: BodyReader) -> None:
+        self._first_writes.pop(reader, None)
         if self._readers.pop(reader, None) is not None:
             self._room.set()
             self._release_if_unused()
@@ -147,8 +202,9 @@ class SharedBody:
     # -- the pump side ------------------------------------------------------------------------
 
     def _set_head(self, head: BodyHead) -> None:
-        if not self._head.done():
-            self._head.set_result(head)
+        if self._head is None and self.error is None:
+            self._head = head
+            self._head_ready.set()
 
     def _wake(self) -> None:
         more, self._more = self._more, asyncio.Event()
@@ -159,7 +215,25 @@ class SharedBody:
         self.size += len(chunk)
         self._meter.held += len(chunk)
         self._counted += len(chunk)
+        if self._first_writes:
+            self._write_firsts(chunk)
         self._wake()
+
+    def _write_firsts(self, chunk: bytes) -> None:
+        """Run the first write of every reader waiting for this, the body's first chunk."""
+        writes, self._first_writes = self._first_writes, {}
+        view = memoryview(chunk)
+        for reader, (write, future) in writes.items():
+            if future.done() or self._readers.get(reader) != 0:
+                continue  # it left, or its task was cancelled: nothing to write to
+            try:
+                taken = _run_now(write(view))
+            except Exception as exc:
+                # That reader's own failure (its viewer left, say): raised in its own task.
+                future.set_exception(exc)
+                continue
+            reader._skip = min(max(taken, 0), len(chunk))
+            future.set_result(reader._skip)
 
     def _finish(self) -> None:
         self.done = True
@@ -167,9 +241,11 @@ class SharedBody:
 
     def _fail(self, error: HlsRelayError) -> None:
         self.error = error
-        if not self._head.done():
-            self._head.set_exception(error)
-            self._head.exception()  # retrieved: a flight nobody awaits must not log it as lost
+        self._head_ready.set()
+        writes, self._first_writes = self._first_writes, {}
+        for _, future in writes.values():
+            if not future.done():
+                future.set_exception(error)
         self._wake()
 
     def body(self) -> bytes:
@@ -195,22 +271,43 @@ class SharedBody:
 class BodyReader:
     """One reader of a :class:`SharedBody`; iterate it for the chunks, ``close()`` when done."""
 
-    __slots__ = ("_body",)
+    __slots__ = ("_body", "_skip")
 
     def __init__(self, body: SharedBody) -> None:
         self._body = body
+        self._skip = 0  # bytes of the next chunk a first write already took
 
     async def head(self) -> BodyHead:
         return await self._body.head()
 
+    async def first_bytes(self, write: FirstWrite) -> int:
+        """Have the pump run ``write`` on the body's first chunk the moment it arrives.
+
+        Returns how many bytes ``write`` took; iterating then goes on with the rest of that
+        chunk. Returns 0 without running it when bytes are already there (a late joiner), or
+        never will be: the reader then writes them itself. Raises the body's error, or
+        :class:`FirstWriteWaited`, or whatever ``write`` raised.
+        """
+        return await self._body._first_write(self, write)
+
+    @property
+    def shared(self) -> bool:
+        """Other readers follow the same body now."""
+        return self._body.readers > 1
+
     def __aiter__(self) -> BodyReader:
         return self
 
-    async def __anext__(self) -> bytes:
-        chunk = await self._body._next(self)
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
+    async def __anext__(self) -> bytes | memoryview:
+        while True:
+            chunk = await self._body._next(self)
+            if chunk is None:
+                raise StopAsyncIteration
+            if not self._skip:
+                return chunk
+            skip, self._skip = self._skip, 0
+            if skip < len(chunk):
+                return memoryview(chunk)[skip:]  # the rest, not a copy
 
     def close(self) -> None:
         self._body._leave(self)
@@ -318,6 +415,10 @@ class SharedBodies:
     ) -> None:
         complete = False
         body._set_head(source.head)
+        if body._head_waiters > 1:
+            # A crowd waits for the head: one turn, so its readers can prepare their answers
+            # and hand over their first writes before a first chunk that is already here.
+            await asyncio.sleep(0)
         if self._under_pressure():
             self._spill_under_pressure(key, body, source)
         try:
@@ -377,6 +478,8 @@ __all__ = [
     "BodyHead",
     "BodyReader",
     "BodySource",
+    "FirstWrite",
+    "FirstWriteWaited",
     "OnComplete",
     "Opener",
     "SharedBodies",

@@ -597,11 +597,11 @@ class StreamRelay:
                 for name in MEDIA_RESPONSE_HEADERS
                 if (value := response.headers.get(name)) is not None
             ]
-            upstream_cc = response.headers.get("Cache-Control", "")
-            if "no-store" in upstream_cc.lower():
-                headers.append(("X-Hlsrelay-No-Store", "1"))  # internal: stripped before sending
+            storable = "no-store" not in response.headers.get("Cache-Control", "").lower()
             headers.append(("Cache-Control", freshness.cache_control))
-            head = BodyHead(response.status, tuple(headers), response.raw.content_length)
+            head = BodyHead(
+                response.status, tuple(headers), response.raw.content_length, storable=storable
+            )
             return _UpstreamBody(response, head)
 
         return opener
@@ -610,15 +610,11 @@ class StreamRelay:
         store = self.cache.store
 
         async def on_complete(head: BodyHead, body: bytes) -> None:
-            if head.status != 200 or any(name == "X-Hlsrelay-No-Store" for name, _ in head.headers):
+            if head.status != 200 or not head.storable:
                 return
             if head.length is not None and head.length != len(body):
                 return  # never store a body that is not what the upstream announced
-            headers = tuple(
-                (name, value)
-                for name, value in head.headers
-                if name not in ("Content-Length", "X-Hlsrelay-No-Store")
-            )
+            headers = tuple(item for item in head.headers if item[0] != "Content-Length")
             await store.set(key, CachedObject(body, headers, time.time(), ttl), ttl)
 
         return on_complete

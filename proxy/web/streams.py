@@ -16,6 +16,7 @@ from email.utils import parsedate_to_datetime
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.cache.inflight import FirstWriteWaited
 from proxy.cache.store import CachedObject
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, media_freshness, not_found_freshness
@@ -37,6 +38,9 @@ _GZIP_ETAG_SUFFIX = '-gz"'
 # A shared body's first write per viewer: small, so that a crowd waiting on one segment all get
 # their first bytes (and headers, in the same segment) before anyone gets the bulk.
 FIRST_WRITE_BYTES = 4 * 1024
+# The most a viewer of a body others read too writes per loop turn after that: 500 viewers
+# take ~70 ms a turn on this project's machine (an upstream chunk, up to 256 KB, would be ~4x).
+WRITE_SLICE_BYTES = 64 * 1024
 # Headers a 304 repeats (RFC 9110 §15.4.5); never a body or its length.
 _NOT_MODIFIED_HEADERS = ("Cache-Control", "ETag", "Last-Modified", "Vary", "Age")
 
@@ -169,31 +173,49 @@ class _HeadersWithFirstBytes(web.StreamResponse):
 
 
 async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamResponse:
-    """Stream a body shared with other viewers, chunk by chunk as the upstream sends it."""
+    """Stream a body shared with other viewers, chunk by chunk as the upstream sends it.
+
+    One write per loop turn: the first one small, then an upstream chunk, or a slice of it while
+    other viewers read the same body. A crowd let go at once (or a late joiner who finds the
+    body all there) takes turns, so every viewer gets its first bytes before anyone gets the
+    bulk, and nobody holds the loop while it copies a whole body into its socket.
+    """
     reader = media.reader
-    response = _HeadersWithFirstBytes(status=media.head.status)
-    for name, value in media.head.headers:
-        if not name.startswith("X-Hlsrelay-"):
-            response.headers[name] = value
+    response = _HeadersWithFirstBytes(status=media.head.status, headers=media.head.headers)
     sent = 0
+
+    async def first_bytes(view: memoryview) -> int:
+        # Run by the pump with every other waiter's, the moment the first chunk arrives: these
+        # headers and first bytes go out in one loop, no task woken per viewer until all have.
+        piece = view[:FIRST_WRITE_BYTES]
+        await response.write(piece)
+        return len(piece)
+
     try:
         await response.prepare(request)
+        sent = await reader.first_bytes(first_bytes)
         async for chunk in reader:
-            if not sent and len(chunk) > FIRST_WRITE_BYTES:
-                # Fairness in a crowd: every waiter woken with this chunk writes its first bytes
-                # before anyone writes the rest (sleep(0) puts this one behind the others).
-                view = memoryview(chunk)
-                await response.write(view[:FIRST_WRITE_BYTES])
-                sent += FIRST_WRITE_BYTES
+            view = memoryview(chunk)
+            while view:
+                if not sent:
+                    piece = view[:FIRST_WRITE_BYTES]  # first bytes to all before the bulk to any
+                elif reader.shared:
+                    piece = view[:WRITE_SLICE_BYTES]  # a crowd's turns stay short
+                else:
+                    piece = view  # alone: an upstream chunk per turn costs nothing extra
+                # write() waits for this viewer's socket only; the others go at their own pace.
+                await response.write(piece)
+                sent += len(piece)
+                view = view[len(piece) :]
+                # write() returns without yielding while the socket takes the bytes: without this,
+                # 500 viewers of a body that arrived whole would each write 2 MiB in one step, a
+                # stall of seconds for everyone else on the loop (health checks, new requests).
                 await asyncio.sleep(0)
-                await response.write(view[FIRST_WRITE_BYTES:])
-                sent += len(chunk) - FIRST_WRITE_BYTES
-                continue
-            # write() waits for this viewer's socket only; the others read at their own pace.
-            await response.write(chunk)
-            sent += len(chunk)
     except UpstreamError as exc:
-        _cut(request, sent, exc)
+        _cut(request, sent, exc.message)
+        return response
+    except FirstWriteWaited as exc:
+        _cut(request, sent, str(exc))  # bytes may be half out: no answer can follow them
         return response
     finally:
         reader.close()
@@ -202,10 +224,10 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     return response
 
 
-def _cut(request: web.Request, sent: int, exc: UpstreamError) -> None:
+def _cut(request: web.Request, sent: int, why: str) -> None:
     # Bytes may already have gone out: the only honest signal left is a cut connection, never a
     # short body that looks complete.
-    log.warning("upstream failed mid-body after %d bytes: %s", sent, exc.message)
+    log.warning("upstream failed mid-body after %d bytes: %s", sent, why)
     if request.transport is not None:
         request.transport.close()
 
@@ -235,7 +257,7 @@ async def _relay_media(
                 await response.write(chunk)
                 sent += len(chunk)
         except UpstreamError as exc:
-            _cut(request, sent, exc)
+            _cut(request, sent, exc.message)
             return response
         finally:
             request.app[METRICS].relayed(kind_label).inc(sent)

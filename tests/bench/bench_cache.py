@@ -5,8 +5,10 @@
    sends it at about 1 Gbit/s. Counted: upstream requests for it (at the origin), whether every
    client got the exact bytes (SHA-256), the waiters' time to first body byte (p50, p99) next to
    the origin's own time to first byte (alone, and for a request sent along with the crowd).
-   The same crowd through nginx (``proxy_cache_lock``, the shipped edge config) in front of
-   hlsrelay is shown for comparison. Round 0 warms up and is not recorded.
+   Once more with an origin that sends its headers at once and its bytes after 0.5 s (a segment
+   still being made), the two taking turns. The same crowd through nginx (``proxy_cache_lock``,
+   the shipped edge config) in front of hlsrelay is shown for comparison. Round 0 warms up and
+   is not recorded.
 2. **200 viewers polling one live playlist.** Each viewer reloads every 0.5 s (jittered) for
    ``POLL_SECONDS`` (10 s by default, scaled down from the issue's 30 s with a 2 s target
    duration, so the half-target freshness window is 1 s; ``--full`` runs 30 s with a 6 s target).
@@ -97,11 +99,16 @@ def _serve_origin(port: int, poll_target: int) -> None:
         count(request)
         number = int(request.match_info["n"])
         data = segments.get(request.path) or segments.setdefault(request.path, _segment(number))
-        await asyncio.sleep(ORIGIN_DELAY_S)
         response = web.StreamResponse(
             headers={"Content-Type": "video/mp2t", "Content-Length": str(len(data))}
         )
-        await response.prepare(request)
+        if request.path.startswith("/early/"):
+            # A segment still being made: its headers go at once, its bytes when they exist.
+            await response.prepare(request)
+            await asyncio.sleep(ORIGIN_DELAY_S)
+        else:
+            await asyncio.sleep(ORIGIN_DELAY_S)
+            await response.prepare(request)
         # At about 1 Gbit/s, like an origin across a network: a loopback origin pushing 2 MiB at
         # once would spend the clients' core on the copy, right when first bytes are timed.
         for start in range(0, len(data), ORIGIN_CHUNK_BYTES):
@@ -142,6 +149,7 @@ def _serve_origin(port: int, poll_target: int) -> None:
 
     app = web.Application()
     app.router.add_get("/slow/seg_{n}.ts", slow_segment)
+    app.router.add_get("/early/seg_{n}.ts", slow_segment)
     app.router.add_get("/live/index.m3u8", live)
     app.router.add_get("/hot/index.m3u8", hot)
     app.router.add_get("/stats", stats)
@@ -368,15 +376,17 @@ async def _crowd_get(
     return firsts, list(digests), ref_first
 
 
-async def _crowd_round(origin: str, minter: Minter, number: int) -> CrowdRound:
-    upstream = f"{origin}/slow/seg_{number}.ts"
+async def _crowd_round(origin: str, minter: Minter, number: int, route: str = "slow") -> CrowdRound:
+    """One crowd; ``route`` "slow": the origin answers after 0.5 s; "early": it sends its
+    headers at once and the body after 0.5 s."""
+    upstream = f"{origin}/{route}/seg_{number}.ts"
     url = minter.url(upstream, UriKind.MEDIA)
     expected = hashlib.sha256(_segment(number)).hexdigest()
     # The origin's own time to first body byte, alone, on a segment nobody else asks for.
-    alone, _, _ = await _crowd_get(f"{origin}/slow/seg_{number + 500_000}.ts", 1)
+    alone, _, _ = await _crowd_get(f"{origin}/{route}/seg_{number + 500_000}.ts", 1)
     # ... and sent along with the crowd (so it meets the same client and machine load).
     firsts, digests, with_crowd = await _crowd_get(
-        url, CROWD, f"{origin}/slow/seg_{number + 700_000}.ts"
+        url, CROWD, f"{origin}/{route}/seg_{number + 700_000}.ts"
     )
     if with_crowd is None:
         raise RuntimeError("the reference request to the origin got no body")
@@ -385,7 +395,7 @@ async def _crowd_round(origin: str, minter: Minter, number: int) -> CrowdRound:
     if len(ttfbs) < CROWD:
         raise RuntimeError(f"only {len(ttfbs)} of {CROWD} clients got a first byte")
     return CrowdRound(
-        upstream_requests=counts.get(f"/slow/seg_{number}.ts", 0),
+        upstream_requests=counts.get(f"/{route}/seg_{number}.ts", 0),
         exact=all(digest == expected for digest in digests),
         origin_alone_ms=alone[0] * 1000,
         origin_ttfb_ms=with_crowd * 1000,
@@ -456,6 +466,7 @@ def _wrk(url: str) -> tuple[float, int]:
 @dataclass(frozen=True)
 class Figures:
     crowd: list[CrowdRound]
+    crowd_early: list[CrowdRound]
     crowd_nginx: list[CrowdRound]
     poll: PollFigure
     relay_rps: list[float]
@@ -474,7 +485,15 @@ def measure(rounds: int, full: bool) -> Figures:
             os.sched_setaffinity(0, {1})  # the clients stay off hlsrelay's core
         try:
             # Round 0 warms the upstream connection and the code paths; it is not recorded.
-            crowd = [_run(_crowd_round(origin, minter, n)) for n in range(rounds + 1)][1:]
+            # The two origins take turns, so drift on this shared machine hits both alike.
+            crowd: list[CrowdRound] = []
+            crowd_early: list[CrowdRound] = []
+            for n in range(rounds + 1):
+                order = [("slow", crowd), ("early", crowd_early)]
+                for route, results in order if n % 2 == 0 else reversed(order):
+                    result = _run(_crowd_round(origin, minter, 2 * n + (route == "early"), route))
+                    if n:
+                        results.append(result)
             poll = _run(
                 _poll(
                     origin,
@@ -508,7 +527,9 @@ def measure(rounds: int, full: bool) -> Figures:
         finally:
             os.sched_setaffinity(0, affinity)
         hot_upstream = _origin_counts(origin).get("/hot/index.m3u8", 0)
-    return Figures(crowd, crowd_nginx, poll, relay_rps, nginx_rps, errors, hot_upstream)
+    return Figures(
+        crowd, crowd_early, crowd_nginx, poll, relay_rps, nginx_rps, errors, hot_upstream
+    )
 
 
 def render(figures: Figures, rounds: int, full: bool, command: str) -> str:
@@ -540,12 +561,16 @@ def render(figures: Figures, rounds: int, full: bool, command: str) -> str:
         "p99 - origin TTFB with the crowd | p99 - fastest waiter |",
         "|---|---|---|---|---|---|---|---|---|",
         *crowd_rows("hlsrelay", figures.crowd),
+        *crowd_rows("hlsrelay, origin sends its headers at once", figures.crowd_early),
         *crowd_rows("nginx (proxy_cache_lock) → hlsrelay", figures.crowd_nginx),
         "",
         "TTFB = time to the first body byte, from the instant the requests are sent on open "
-        "connections. *Origin TTFB with the crowd*: a request for another segment sent straight "
-        "to the origin right after the crowd's first request, timed from the same instant (on "
-        "two cores, the clients and the origin share one, so the origin answers the crowd's "
+        "connections. The origin answers after 0.5 s (headers and first bytes together), or, "
+        "in the second row, sends its headers at once and its first bytes after 0.5 s (a "
+        "segment still being made). *Origin TTFB with the crowd*: a request for another "
+        "segment sent straight to the origin right after the crowd's first request, timed from "
+        "the same instant (on two cores, the clients and the origin share one, so the origin "
+        "answers the crowd's "
         "moment a few ms later than it answers a lone request).",
         "",
         f"### 2. {poll.viewers} viewers polling one live playlist every {POLL_INTERVAL_S} s",

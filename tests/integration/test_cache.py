@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from proxy.web import streams
 from proxy.web.keys import METRICS, RELAY
 from tests.conftest import ProxyFactory
 from tests.origin import Origin
@@ -561,3 +562,146 @@ async def test_viewer_leaving_mid_body_leaves_the_others_and_the_store_whole(
     await asyncio.sleep(0.05)
     assert await (await proxy.get(seg)).read() == data
     assert len(origin.requests_to("/live/seg6.ts")) == 1
+
+
+# -- a crowd let go at once -----------------------------------------------------------------------
+
+
+def headers_first_media(origin: Origin, path: str, data: bytes, delay: float) -> None:
+    """Sends its headers at once and its body ``delay`` s later (a segment still being made)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "video/mp2t", "Content-Length": str(len(data))}
+        )
+        await response.prepare(request)  # aiohttp sends the headers now
+        await asyncio.sleep(delay)
+        for start in range(0, len(data), 64 * 1024):
+            await response.write(data[start : start + 64 * 1024])
+        await response.write_eof()
+        return response
+
+    origin.routes[path] = handler
+
+
+async def segment_url(proxy: Client, origin: Origin, name: str) -> str:
+    origin.playlist("/crowd/index.m3u8", live_playlist(first=0, count=0) + f"{name}\n")
+    path = mint(proxy, f"{origin.url}/crowd/index.m3u8")
+    return str(proxy.make_url(child(path, await (await proxy.get(path)).text(), name)))
+
+
+async def test_a_crowd_gets_whole_answers_when_the_headers_come_before_the_body(
+    proxy: Client, origin: Origin
+) -> None:
+    data = random.Random(7).randbytes(600 * 1024)
+    headers_first_media(origin, "/crowd/early.ts", data, delay=0.3)
+    url = await segment_url(proxy, origin, "early.ts")
+
+    async def viewer(session: aiohttp.ClientSession) -> tuple[int, str | None, bytes]:
+        async with session.get(url) as resp:
+            return resp.status, resp.headers.get("Content-Length"), await resp.read()
+
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(viewer(session) for _ in range(30)))
+    assert results == [(200, str(len(data)), data)] * 30
+    assert len(origin.requests_to("/crowd/early.ts")) == 1
+    assert await read_all_client(proxy, url) == data  # stored whole
+    assert len(origin.requests_to("/crowd/early.ts")) == 1
+
+
+async def test_upstream_cut_after_its_headers_cuts_every_waiter(
+    proxy: Client, origin: Origin
+) -> None:
+    data = random.Random(8).randbytes(256 * 1024)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "video/mp2t", "Content-Length": str(len(data))}
+        )
+        await response.prepare(request)  # headers out: the crowd's answers are under way
+        await asyncio.sleep(0.2)
+        assert request.transport is not None
+        request.transport.close()  # not one body byte
+        return response
+
+    origin.routes["/crowd/cut.ts"] = handler
+    url = await segment_url(proxy, origin, "cut.ts")
+
+    async def viewer(session: aiohttp.ClientSession) -> str:
+        try:
+            async with session.get(url) as resp:
+                await resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            return "cut"
+        return f"answered {resp.status}"
+
+    async with aiohttp.ClientSession() as session:
+        outcomes = await asyncio.wait_for(asyncio.gather(*(viewer(session) for _ in range(8))), 10)
+    assert outcomes == ["cut"] * 8  # never a short body that looks whole
+    # (aiohttp's client asks again once after a disconnect: each flight was one request.)
+    fetched = len(origin.requests_to("/crowd/cut.ts"))
+    assert 1 <= fetched <= 2
+    origin.media("/crowd/cut.ts", data)
+    assert await read_all_client(proxy, url) == data  # nothing was stored
+    assert len(origin.requests_to("/crowd/cut.ts")) == fetched + 1
+
+
+async def test_viewers_leaving_before_the_first_bytes_leave_the_others_whole(
+    proxy: Client, origin: Origin
+) -> None:
+    data = random.Random(9).randbytes(400 * 1024)
+    headers_first_media(origin, "/crowd/leave.ts", data, delay=0.3)
+    url = await segment_url(proxy, origin, "leave.ts")
+    async with aiohttp.ClientSession() as session:
+        viewers = [asyncio.ensure_future(read_all(session, url)) for _ in range(12)]
+        await asyncio.sleep(0.2)  # all wait; their answers are prepared, the body is not in
+        for leaving in viewers[::3]:
+            leaving.cancel()  # their connections close; the test server cancels their handlers
+        results = await asyncio.gather(*viewers, return_exceptions=True)
+    for number, result in enumerate(results):
+        if number % 3:
+            assert result == (200, data)
+        else:
+            assert isinstance(result, asyncio.CancelledError)
+    await asyncio.sleep(0.05)
+    cache = proxy.app[RELAY].cache
+    assert len(cache.bodies) == 0 and cache.bodies.held == 0  # nothing left behind
+    assert await read_all_client(proxy, url) == data
+    assert len(origin.requests_to("/crowd/leave.ts")) == 1
+
+
+async def test_a_crowd_on_a_body_that_came_whole_takes_turns(
+    proxy: Client, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each viewer writes one slice per loop turn: first bytes to all, then nobody hogs the loop."""
+    data = random.Random(10).randbytes(512 * 1024)
+
+    async def whole(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(body=data, content_type="video/mp2t")  # headers and body at once
+
+    origin.routes["/crowd/whole.ts"] = whole
+    url = await segment_url(proxy, origin, "whole.ts")
+    writes: list[tuple[int, int]] = []
+    original = streams._HeadersWithFirstBytes.write
+
+    async def logged(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        writes.append((id(self), len(data)))
+        await original(self, data)
+
+    monkeypatch.setattr(streams._HeadersWithFirstBytes, "write", logged)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(read_all(session, url) for _ in range(4)))
+    assert results == [(200, data)] * 4
+    viewers = {viewer for viewer, _ in writes}
+    assert len(viewers) == 4
+    # First bytes to every viewer before anyone's second write.
+    assert {viewer for viewer, _ in writes[:4]} == viewers
+    assert all(size == streams.FIRST_WRITE_BYTES for _, size in writes[:4])
+    # Then turns: every viewer's second write before anyone's third (sockets take that much).
+    assert {viewer for viewer, _ in writes[4:8]} == viewers
+    # A slice at most per write while other viewers read the same body.
+    last_write = {viewer: index for index, (viewer, _) in enumerate(writes)}
+    for index, (viewer, size) in enumerate(writes):
+        if any(last_write[other] > index for other in viewers - {viewer}):
+            assert size <= streams.WRITE_SLICE_BYTES

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.cache.inflight import BodyHead, SharedBodies
+from proxy.cache.inflight import (
+    BodyHead,
+    FirstWrite,
+    FirstWriteWaited,
+    SharedBodies,
+    SharedBody,
+)
 from proxy.cache.singleflight import SingleFlight
 from proxy.cache.store import (
     CachedObject,
@@ -286,4 +292,160 @@ async def test_no_held_budget_keeps_every_body_whole() -> None:
     assert bodies.held == 200  # its reader has not let go yet
     reader.close()
     assert bodies.held == 0
+    await tasks.close()
+
+
+# -- first writes: the pump lets a crowd go in one loop ------------------------------------------
+
+
+class Crowd:
+    """Readers of one body that each hand the pump a first write, then read the rest."""
+
+    def __init__(self, body: SharedBody) -> None:
+        self.body = body
+        self.events: list[tuple[str, int]] = []
+        self.first_rest: list[type] = []  # what each reader got after its first write
+
+    def write_taking(self, number: int, size: int) -> Callable[[memoryview], Awaitable[int]]:
+        async def write(view: memoryview) -> int:
+            self.events.append(("write", number))
+            return min(size, len(view))
+
+        return write
+
+    async def viewer(self, number: int, write: FirstWrite | None = None) -> tuple[int, list[bytes]]:
+        reader = self.body.reader()
+        try:
+            await reader.head()
+            taken = await reader.first_bytes(write or self.write_taking(number, 2))
+            self.events.append(("resumed", number))
+            rest: list[bytes] = []
+            async for chunk in reader:
+                if not rest:
+                    self.first_rest.append(type(chunk))
+                rest.append(bytes(chunk))
+            return taken, rest
+        finally:
+            reader.close()
+
+
+async def opened(source: FakeSource) -> FakeSource:
+    return source
+
+
+async def test_pump_runs_every_waiting_readers_first_write_before_any_reader_resumes() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    viewers = [asyncio.ensure_future(crowd.viewer(n)) for n in range(4)]
+    await asyncio.sleep(0.01)  # every viewer waits for the first chunk
+    assert crowd.events == []
+    for chunk in (b"abcdef", b"gh", None):
+        source.queue.put_nowait(chunk)
+    results = await asyncio.gather(*viewers)
+    assert crowd.events[:4] == [("write", n) for n in range(4)]
+    assert sorted(crowd.events[4:]) == [("resumed", n) for n in range(4)]
+    assert results == [(2, [b"cdef", b"gh"])] * 4
+    assert crowd.first_rest == [memoryview] * 4  # the rest of the first chunk, not a copy
+    await tasks.close()
+
+
+async def test_a_first_write_that_takes_the_whole_chunk_goes_on_with_the_next() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    viewer = asyncio.ensure_future(crowd.viewer(0, crowd.write_taking(0, 100)))
+    await asyncio.sleep(0.01)
+    for chunk in (b"abc", b"def", None):
+        source.queue.put_nowait(chunk)
+    assert await viewer == (3, [b"def"])
+    await tasks.close()
+
+
+async def test_a_late_joiner_writes_its_first_bytes_itself() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"abc"])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    await asyncio.sleep(0.01)  # the first chunk is in
+    late = asyncio.ensure_future(crowd.viewer(7))
+    await asyncio.sleep(0.01)
+    source.queue.put_nowait(None)
+    assert await late == (0, [b"abc"])
+    assert ("write", 7) not in crowd.events  # never run: there was nothing to wait for
+    await tasks.close()
+
+
+async def test_readers_that_left_or_failed_do_not_hold_up_the_others() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    closed: list[str] = []
+
+    async def failing(view: memoryview) -> int:
+        raise ConnectionResetError("viewer gone")
+
+    async def waiting(view: memoryview) -> int:
+        try:
+            await asyncio.sleep(0)  # a first write must not wait: this one is closed here
+        finally:
+            closed.append("waiting")
+        return 1
+
+    viewers = [
+        asyncio.ensure_future(crowd.viewer(0)),
+        asyncio.ensure_future(crowd.viewer(1)),  # cancelled while it waits
+        asyncio.ensure_future(crowd.viewer(2, failing)),
+        asyncio.ensure_future(crowd.viewer(3, waiting)),
+        asyncio.ensure_future(crowd.viewer(4)),
+    ]
+    await asyncio.sleep(0.01)
+    viewers[1].cancel()
+    await asyncio.sleep(0)
+    for chunk in (b"abcdef", None):
+        source.queue.put_nowait(chunk)
+    results = await asyncio.gather(*viewers, return_exceptions=True)
+    assert results[0] == results[4] == (2, [b"cdef"])
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert isinstance(results[2], ConnectionResetError)
+    assert isinstance(results[3], FirstWriteWaited) and closed == ["waiting"]
+    assert ("write", 1) not in crowd.events
+    assert crowd.body.readers == 0
+    await tasks.close()
+
+
+async def test_a_body_that_fails_before_its_first_chunk_fails_every_first_write() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([], fail_after=0)
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    viewers = [asyncio.ensure_future(crowd.viewer(n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    source.queue.put_nowait(b"never sent")
+    results = await asyncio.gather(*viewers, return_exceptions=True)
+    assert all(isinstance(r, UpstreamUnreachable) for r in results)
+    assert crowd.events == [] and source.aborted
+    await tasks.close()
+
+
+async def test_a_crowd_waiting_on_the_head_hands_over_writes_before_a_buffered_chunk() -> None:
+    """Headers and the first bytes often come in one read: the crowd still goes in one loop."""
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"abcdef", None])  # the first chunk is there with the headers
+    released = asyncio.Event()
+
+    async def slow_opener() -> FakeSource:
+        await released.wait()
+        return source
+
+    crowd = Crowd(bodies.start("k", slow_opener))
+    viewers = [asyncio.ensure_future(crowd.viewer(n)) for n in range(3)]
+    await asyncio.sleep(0.01)  # all three wait for the head
+    released.set()
+    assert await asyncio.gather(*viewers) == [(2, [b"cdef"])] * 3
+    assert crowd.events[:3] == [("write", n) for n in range(3)]
     await tasks.close()

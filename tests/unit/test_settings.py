@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from proxy.__main__ import main
 from proxy.settings import ConfigError, load_settings, token_secret
@@ -181,3 +184,40 @@ def test_check_config_masks_channel_credentials(
     doc = json.loads(out)
     assert doc["channels"][0]["url"] == "http://********@h/x.ts?********"
     assert doc["channels"][0]["headers"] == {"Cookie": "********"}
+
+
+def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.web.access_log
+    from proxy import __main__ as cli
+
+    served: list[tuple[web.Application, dict[str, Any]]] = []
+    monkeypatch.setattr(cli.web, "run_app", lambda app, **kw: served.append((app, kw)))
+    monkeypatch.setattr(proxy.web.access_log, "configure_logging", lambda log_format: None)
+    path = write(
+        tmp_path, "[server]\nbacklog = 777\n[security]\nsecret = 'serve-test-secret-0123'\n"
+    )
+    assert main(["serve", "--config", str(path)]) == 0
+    ((app, options),) = served
+    options["loop"].close()
+    assert options["backlog"] == 777
+    assert app.on_startup[-1] is cli.tune_gc  # after every cleanup_ctx has made its state
+
+
+async def test_tune_gc_freezes_what_startup_made_and_collects_young_objects_less_often() -> None:
+    from proxy import __main__ as cli
+
+    threshold = gc.get_threshold()
+    try:
+        await cli.tune_gc(web.Application())
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def test_backlog_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.backlog"):
+        load_settings(write(tmp_path, "[server]\nbacklog = 0\n"))
