@@ -33,14 +33,16 @@ import os
 import random
 import re
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -244,35 +246,58 @@ class CrowdRound:
     fastest_ms: float
 
 
-class _Probe(asyncio.Protocol):
-    """One raw HTTP/1.1 GET that notes when its first body byte arrives and hashes the body.
+# Linux: SO_TIMESTAMPNS makes recvmsg() hand over, with each read, the time the kernel received
+# its first packet (CLOCK_REALTIME, as struct timespec). Python does not name the constant.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
 
-    The client has one core too, and aiohttp's per-response Python work would time the client,
-    not the server: this protocol does almost nothing per chunk. After its first body byte it
-    stops reading until every probe of the crowd has one (``release``), so reading and hashing
-    500 x 2 MiB happens after the figure is taken; bytes that arrive meanwhile wait in socket
-    buffers (hlsrelay's pump never waits for a viewer).
+
+class _Probe:
+    """One raw HTTP/1.1 GET that notes when its first body byte arrived and hashes the body.
+
+    "Arrived" is the kernel's receive timestamp of the read that held the first body byte
+    (SO_TIMESTAMPNS), not the moment this process got round to reading it: the client has one
+    core too, and 500 connections handing their first bytes to one Python loop would otherwise
+    time the client's own turn (measured 5-10 ms for the last of 500). The reference request to
+    the origin is timed the same way. After its first body byte a probe stops reading until every
+    probe of the crowd has one (``release``), so reading and hashing 500 x 2 MiB happens after the
+    figure is taken; bytes that arrive meanwhile wait in socket buffers (hlsrelay's pump never
+    waits for a viewer).
     """
 
-    def __init__(self, crowd: _Crowd) -> None:
+    def __init__(self, crowd: _Crowd, sock: socket.socket) -> None:
         self._crowd = crowd
-        self._transport: asyncio.Transport | None = None
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self._head = b""
         self._length: int | None = None
         self._received = 0
         self._digest = hashlib.sha256()
         self.first_body_byte: float | None = None
+        """Kernel receive time of the first body byte, ``time.time()`` seconds."""
         self.status = 0
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.done: asyncio.Future[str] = self._loop.create_future()
+        self._reading = False
 
     def send(self, request: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(request)
+        self._sock.sendall(request)  # a few dozen bytes into an empty socket buffer
+        self.resume()
 
-    def data_received(self, data: bytes) -> None:
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(1 << 20, socket.CMSG_SPACE(_TIMESPEC.size))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancillary = b"", []
+        if not data:
+            self._finish()
+            return
+        arrived = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
+                arrived = seconds + nanoseconds / 1e9
         if self._length is None:
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -284,28 +309,30 @@ class _Probe(asyncio.Protocol):
             self._length = int(length.group(1)) if length else -1  # -1: until the close
         if data:
             if self.first_body_byte is None:
-                self.first_body_byte = time.perf_counter()
-                assert self._transport is not None
-                self._transport.pause_reading()
+                self.first_body_byte = arrived if arrived is not None else time.time()
+                self._pause()
                 self._crowd.arrived(self)
             self._digest.update(data)
             self._received += len(data)
         if self._length is not None and self._length >= 0 and self._received >= self._length:
             self._finish()
 
-    def resume(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+    def _pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish()
+    def resume(self) -> None:
+        if not self._reading and self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._readable)
+            self._reading = True
 
     def _finish(self) -> None:
         if not self.done.done():
             complete = self._length is not None and self._received >= max(self._length, 0)
             self.done.set_result(self._digest.hexdigest() if complete else "incomplete")
-        if self._transport is not None:
-            self._transport.close()
+        self._pause()
+        self._sock.close()
 
 
 class _Crowd:
@@ -326,10 +353,11 @@ class _Crowd:
 
 async def _connect(url: URL, crowd: _Crowd) -> _Probe:
     assert url.host is not None and url.port is not None
-    _, probe = await asyncio.get_running_loop().create_connection(
-        lambda: _Probe(crowd), url.host, url.port
-    )
-    return probe
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+    return _Probe(crowd, sock)
 
 
 def _get_request(url: URL) -> bytes:
@@ -356,7 +384,7 @@ async def _crowd_get(
     ref_target = URL(reference) if reference else None
     ref_probe = await _connect(ref_target, _Crowd(1)) if ref_target else None
     request = _get_request(target)
-    t0 = time.perf_counter()
+    t0 = time.time()  # the clock of the kernel's receive timestamps (CLOCK_REALTIME)
     probes[0].send(request)
     if ref_probe is not None and ref_target is not None:
         ref_probe.send(_get_request(ref_target))
