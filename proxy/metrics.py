@@ -178,6 +178,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_receiving = Gauge(
+            "hlsrelay_upstream_bodies_receiving",
+            "Upstream bodies being received and relayed (they share upstream.receive_budget_bytes)",
+            registry=r,
+        )
         self.upstream_bytes = Counter(
             "hlsrelay_upstream_received_bytes_total",
             "Body bytes received from upstreams (after decompression), by resource kind",
