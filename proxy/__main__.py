@@ -71,7 +71,7 @@ def _serve(settings: Settings) -> int:
     from proxy.app import create_app
     from proxy.web.access_log import access_logger_for, configure_logging
 
-    configure_logging(settings.server.log_format)
+    log_writer = configure_logging(settings.server.log_format)
     loop: asyncio.AbstractEventLoop
     try:
         import uvloop
@@ -87,17 +87,20 @@ def _serve(settings: Settings) -> int:
         settings.server.port,
         settings.server.base_path,
     )
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        loop=loop,
-        shutdown_timeout=settings.server.shutdown_timeout,
-        backlog=settings.server.backlog,
-        access_log_class=access_logger_for(settings.server.log_format),
-        print=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            loop=loop,
+            shutdown_timeout=settings.server.shutdown_timeout,
+            backlog=settings.server.backlog,
+            access_log_class=access_logger_for(settings.server.log_format),
+            print=None,
+            handle_signals=True,
+        )
+    finally:
+        log_writer.close()  # every pending line written before the process ends
     return 0
 
 

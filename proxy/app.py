@@ -22,7 +22,7 @@ from proxy.channels.catalog import ChannelCatalog
 from proxy.live.lease import ChannelLeases, LocalLeases, RedisLeases
 from proxy.live.pool import LivePool
 from proxy.live.session import remove_stale_dirs
-from proxy.metrics import Metrics, build_labels
+from proxy.metrics import Metrics, build_labels, sample_loop_lag
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
 from proxy.upstream.client import UpstreamClient
@@ -62,11 +62,23 @@ def create_app(settings: Settings) -> web.Application:
     setup_routes(app, settings.server.base_path)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(_loop_lag)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live)
     app.on_shutdown.append(_not_ready)
     app.on_shutdown.append(_stop_live)
     return app
+
+
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    """The event-loop lag sampler, first in and last out: start-up and shutdown stalls count."""
+    sampler = asyncio.create_task(sample_loop_lag(app[METRICS].loop_lag), name="hlsrelay-loop-lag")
+    try:
+        yield
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

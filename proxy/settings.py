@@ -115,6 +115,11 @@ class UpstreamSettings(_Section):
     """Upstream connections open at once, over all hosts."""
     max_connections_per_host: int = Field(0, ge=0)
     """Upstream connections open at once to one host; 0 = no per-host limit."""
+    receive_budget_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Bytes that upstream bodies being relayed may buffer while they arrive, all together (this
+    process's read buffers and the kernel's receive buffers): with N at once, each gets 1/N, at
+    least 64 KiB; 512 KiB or more each changes nothing. 0 = no budget (the defaults always).
+    See :mod:`proxy.upstream.receive`."""
 
     @field_validator("allow_networks", mode="before")
     @classmethod

@@ -84,6 +84,7 @@ _NAME_PLAIN_MATCH = re.compile(_NAME_PLAIN).fullmatch
 _NAMES_PLAIN_MATCH = re.compile(f"(?:{_NAME_PLAIN}\n)*").fullmatch  # newline-terminated names
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FLAG_BYTES = tuple(bytes([flags]) for flags in range(256))
+_KINDS = {int(kind): kind for kind in UriKind}
 _MAX_NAME_CHARS = 64
 
 
@@ -215,7 +216,11 @@ class TokenCodec:
         self._child_cache: dict[_ChildKey, str] = {}
         self._ctx_cache: dict[str, StreamContext] = {}
         self._ref_sivs: dict[str, AESSIV] = {}
-        self._ref_cache: dict[tuple[str, str], StreamRef] = {}
+        # Opened refs as (url, kind value, import pairs): strings, an int and tuples of strings,
+        # which the garbage collector stops tracking (a tuple holding any other container, a dict
+        # or a StreamRef, stays tracked). With a full cache every full collection walked them
+        # all: tens of ms of a stalled event loop.
+        self._ref_cache: dict[tuple[str, str], tuple[str, int, tuple[tuple[str, str], ...]]] = {}
 
     # -- contexts -------------------------------------------------------------------------------
 
@@ -280,10 +285,12 @@ class TokenCodec:
 
         This is the rewriter's per-URI cost on a cold playlist, so it avoids every call it can.
         """
+        # The kind as a plain int (kind + 0): a key of strings and ints only is untracked by the
+        # garbage collector, one holding the enum member is not (see _ref_cache).
         key: _ChildKey = (
-            (ctx_token, url, kind)
+            (ctx_token, url, kind + 0)
             if not imports
-            else (ctx_token, url, kind, *sorted(imports.items()))
+            else (ctx_token, url, kind + 0, *sorted(imports.items()))
         )
         cache = self._child_cache
         path = cache.get(key)
@@ -331,7 +338,7 @@ class TokenCodec:
             if joined.count("\n") == len(urls) - 1:
                 return self._mint_paths(ctx_token, ctx, urls, joined, kind)
         cache = self._child_cache
-        keys = [(ctx_token, url, kind) for url in urls]
+        keys = [(ctx_token, url, kind + 0) for url in urls]  # an int: untracked by the GC
         found: list[str | None] = list(map(cache.get, keys))
         missing = [i for i, path in enumerate(found) if path is None]
         if not missing:
@@ -433,9 +440,11 @@ class TokenCodec:
     def open_ref(self, ctx_token: str, ctx: StreamContext, token: str) -> StreamRef:
         """Decrypt a ``ref`` token minted for ``ctx_token`` (400 malformed, 403 forged)."""
         key = (ctx_token, token)
-        ref = self._ref_cache.get(key)
-        if ref is not None:
-            return ref
+        known = self._ref_cache.get(key)
+        if known is not None:
+            return StreamRef(
+                url=known[0], kind=_KINDS[known[1]], imports=dict(known[2]) if known[2] else {}
+            )
         plain = self._open(token, None, self._ref_siv(ctx_token))
         flags, payload = plain[0], plain[1:]
         try:
@@ -452,9 +461,8 @@ class TokenCodec:
             raise MalformedToken("unsupported token format") from None
         if flags & _REF_SUFFIX:
             url = ctx.base + url
-        ref = StreamRef(url=url, kind=kind, imports=imports)
-        self._remember(self._ref_cache, key, ref)
-        return ref
+        self._remember(self._ref_cache, key, (url, kind + 0, tuple(imports.items())))
+        return StreamRef(url=url, kind=kind, imports=imports)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -15,8 +15,10 @@ from proxy.settings import CacheSettings
 # Unread bytes a spilled (too large to keep) shared body may hold for its slowest reader.
 SPILL_WINDOW_BYTES = 4 * 1024 * 1024
 # The same for a body spilled because the bodies kept whole hit cache.inflight_bytes: small, as
-# there may be hundreds of them (slow viewers, each on a segment of their own).
-PRESSURE_WINDOW_BYTES = 64 * 1024
+# there may be hundreds of them (slow viewers, each on a segment of their own). Smaller than a
+# chunk, it means one chunk at a time; chunks themselves are small when many bodies arrive at
+# once (upstream.receive_budget_bytes), and stay as read when few do (fastest).
+PRESSURE_WINDOW_BYTES = 16 * 1024
 
 
 @dataclass

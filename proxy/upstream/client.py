@@ -56,6 +56,7 @@ from proxy.settings import ProxiesSettings, UpstreamSettings
 from proxy.upstream.breaker import CircuitBreakers
 from proxy.upstream.guard import DestinationGuard
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
+from proxy.upstream.receive import SHARE_PARTS, UNBUDGETED_KINDS, ReceiveBudget
 from proxy.upstream.routing import Route, Router
 from proxy.upstream.transport import ProxyFailure, TunnelRefused
 
@@ -103,7 +104,11 @@ class UpstreamResponse:
     """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
     chunk_limit: int | None = None
     """Largest chunk :meth:`iter_chunks` hands on from now on; None: all that is buffered (fewer,
-    larger chunks, the fastest). Set when many slow viewers make memory the concern."""
+    larger chunks, the fastest). Set when many bodies at once make memory the concern (see
+    :mod:`proxy.upstream.receive` and :meth:`limit_chunks`)."""
+    on_closed: Callable[[], None] | None = None
+    """Called once when the response is closed or released (counts it out of the receive
+    budget)."""
     received: Counter | None = None
     """Counts body bytes as they arrive (``hlsrelay_upstream_received_bytes_total{kind}``)."""
 
@@ -185,10 +190,20 @@ class UpstreamResponse:
         self.raw.release()
         self._done()
 
+    def limit_chunks(self, size: int) -> None:
+        """Hand on chunks of at most ``size`` bytes from now on, when this body's receive share
+        is limited (many bodies arriving at once, :mod:`proxy.upstream.receive`): then memory is
+        what matters. With few bodies, big reads cost little memory and relay fastest: kept."""
+        if self.chunk_limit is not None:
+            self.chunk_limit = min(size, self.chunk_limit)
+
     def _done(self) -> None:
         if self.on_done is not None:
             on_done, self.on_done = self.on_done, None
             on_done()
+        if self.on_closed is not None:
+            on_closed, self.on_closed = self.on_closed, None
+            on_closed()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -250,6 +265,8 @@ class UpstreamClient:
             self._metrics,
         )
         self._rng = rng or random.Random()  # jitter, not security
+        self._receive = ReceiveBudget(settings.receive_budget_bytes)
+        self._metrics.upstream_receiving.set_function(lambda: self._receive.open)
         self._per_kind: dict[str, tuple[Counter, Histogram, Counter]] = {}
 
     def _kind_metrics(self, kind: str) -> tuple[Counter, Histogram, Counter]:
@@ -269,6 +286,10 @@ class UpstreamClient:
     @property
     def pool(self) -> ProxyPool:
         return self._pool
+
+    @property
+    def receive_budget(self) -> ReceiveBudget:
+        return self._receive
 
     def count_error(self, code: str) -> None:
         """Count an upstream failure found after the headers (status, size, body)."""
@@ -468,8 +489,34 @@ class UpstreamClient:
         kind: str,
     ) -> UpstreamResponse:
         """One attempt through one session, redirects included (each hop checked again)."""
+        budget = self._receive
+        # Counted in from the request on: in a burst, the bodies whose headers are still on
+        # their way share the budget too.
+        closed = budget.opened() if kind not in UNBUDGETED_KINDS else None
+        try:
+            response = await self._hops(
+                session, target, method, send_headers, first_byte, decompress, kind
+            )
+        except BaseException:
+            if closed is not None:
+                closed()
+            raise
+        response.on_closed = closed
+        return response
+
+    async def _hops(
+        self,
+        session: aiohttp.ClientSession,
+        target: URL,
+        method: str,
+        send_headers: Mapping[str, str],
+        first_byte: float,
+        decompress: bool,
+        kind: str,
+    ) -> UpstreamResponse:
         sent, ttfb, received = self._kind_metrics(kind)
         settings = self._settings
+        budget = self._receive
         timeout = aiohttp.ClientTimeout(
             sock_connect=settings.connect_timeout,
             # The socket-read timer also runs while waiting for headers; first_byte bounds that.
@@ -479,6 +526,7 @@ class UpstreamClient:
             self._guard.check_url(target)
             sent.inc()
             started = time.perf_counter()
+            read_bufsize = budget.read_bufsize(kind)
             with _attempt_errors():
                 async with asyncio.timeout(first_byte):
                     raw = await session.request(
@@ -488,6 +536,7 @@ class UpstreamClient:
                         allow_redirects=False,
                         timeout=timeout,
                         auto_decompress=decompress,
+                        read_bufsize=read_bufsize,  # None: the session's own (aiohttp's)
                     )
             ttfb.observe(time.perf_counter() - started)
             location = raw.headers.get("Location")
@@ -495,11 +544,15 @@ class UpstreamClient:
                 # The host name only: a path or query can hold a signature or a credential.
                 request_log.note_upstream_host(target.host)
                 encoding = raw.headers.get("Content-Encoding", "identity").strip().lower()
+                # Now, when the bodies requested meanwhile count too.
+                share = budget.share(kind)
+                budget.fit(raw, share)
                 return UpstreamResponse(
                     raw=raw,
                     final_url=str(target),
                     decoded=decompress and encoding != "identity",
                     received=received,
+                    chunk_limit=share // SHARE_PARTS if share is not None else None,
                 )
             raw.close()
             try:

@@ -132,7 +132,7 @@ class _UpstreamBody:
         self._response.release()
 
     def limit_chunks(self, size: int) -> None:
-        self._response.chunk_limit = size
+        self._response.limit_chunks(size)
 
 
 def single_byte_range(header: str, size: int) -> tuple[int, int] | None:

@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import signal
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +136,49 @@ async def test_exposition_after_traffic_passes_promtool(proxy: Client, origin: O
     assert origin.url.split("//")[1] not in text
 
 
+def _hold_the_loop(seconds: float) -> None:
+    """A blocking call on the event loop's thread, the kind of stall the lag metric is for."""
+    time.sleep(seconds)
+
+
+def _lag_samples(text: str) -> dict[str, float]:
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "hlsrelay_event_loop_lag_seconds"
+    ]
+    return {
+        s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+async def test_event_loop_lag_of_the_app_moves_when_its_loop_is_blocked(
+    proxy_factory: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await proxy_factory()
+    await asyncio.sleep(0.05)
+    before = _lag_samples(await (await client.get("/metrics")).text())
+    assert before["count"] >= 2  # the sampler runs from start-up
+    assert before["+Inf"] - before["0.05"] == 0  # nothing stalls an idle test app
+    _hold_the_loop(0.2)  # the app's handlers and its sampler share this loop
+    await asyncio.sleep(0.03)
+    after = _lag_samples(await (await client.get("/metrics")).text())
+    assert after["count"] > before["count"]
+    assert after["+Inf"] - after["0.1"] == 1  # one wake-up came between 100 and 250 ms late
+    assert after["0.25"] == after["+Inf"]
+    assert any(t.get_name() == "hlsrelay-loop-lag" for t in asyncio.all_tasks())
+    await client.close()
+    # Stopped with the app: no task is left behind.
+    assert not any(t.get_name() == "hlsrelay-loop-lag" for t in asyncio.all_tasks())
+
+
 async def test_promtool_checks_the_alert_rules() -> None:
     promtool = need("promtool")
     code, output = await run(promtool, "check", "rules", str(ALERTS))
     assert code == 0, output
-    assert "SUCCESS: 8 rules found" in output
+    assert "SUCCESS: 9 rules found" in output
 
 
 async def test_alert_rules_fire_on_synthetic_series() -> None:
@@ -181,7 +221,7 @@ def test_dashboard_structure() -> None:
             assert panel["targets"], panel["title"]
     titles = " ".join(p["title"].lower() for p in doc["panels"])
     for topic in ("route", "first byte", "bytes/s", "hit ratio", "coalesced", "proxy", "viewers",
-                  "restarts", "segment age"):  # fmt: skip
+                  "restarts", "segment age", "event-loop lag", "resident memory"):  # fmt: skip
         assert topic in titles, topic
     provider = (REPO / "deploy/grafana/provisioning/dashboards/hlsrelay.yml").read_text()
     assert "/var/lib/grafana/dashboards/hlsrelay" in provider

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
+import threading
+import time
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from proxy.request_log import RequestFacts, request_id_from
+from proxy.web import access_log
 from proxy.web.access_log import AccessLogger, JsonAccessLogger, JsonFormatter
 from proxy.web.keys import REQUEST_FACTS
 
@@ -105,3 +110,60 @@ def test_json_formatter_plain_messages_and_exceptions() -> None:
     assert doc["message"] == "failed x"
     assert doc["level"] == "error"
     assert "ValueError: boom" in doc["exception"]
+
+
+class _StuckStream(io.StringIO):
+    """stderr that blocks every write until released (a full pipe, a disk under writeback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def write(self, text: str) -> int:
+        assert self.released.wait(10)
+        return super().write(text)
+
+
+def test_log_lines_never_wait_for_a_stuck_output() -> None:
+    stuck = _StuckStream()
+    writer = access_log.BatchedLogWriter(stuck, max_lines=5, interval=0.01)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("hlsrelay.test.stuck")
+    log.addHandler(writer)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        log.info("line 0")
+        time.sleep(0.05)  # the writer takes line 0 and is stuck writing it
+        # The event loop's thread logs while nothing can be written: no call waits.
+        for number in range(1, 9):
+            log.info("line %d", number)
+        assert stuck.getvalue() == ""
+    finally:
+        stuck.released.set()
+        writer.close()
+        log.removeHandler(writer)
+    # Line 0, then the 5 lines that found room, then how many were dropped.
+    assert stuck.getvalue().splitlines() == [
+        *(f"line {n}" for n in range(6)),
+        "hlsrelay: 3 log lines dropped: the log output was too slow",
+    ]
+
+
+def test_configured_logging_writes_json_lines_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writer = access_log.configure_logging("json")
+    try:
+        for number in range(3):
+            logging.getLogger("hlsrelay.test").info("line %d", number)
+    finally:
+        writer.close()
+        root.handlers[:], root.level = saved
+    assert [json.loads(line)["message"] for line in out.getvalue().splitlines()] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]

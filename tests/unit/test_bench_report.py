@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tests.bench.__main__ import PEERS_END, PEERS_HEADING, PEERS_START, update_readme
-from tests.bench.bench_peers import playlist, playlist_uris
+from tests.bench.bench_peers import loop_lag_buckets, loop_lag_figures, playlist, playlist_uris
 
 
 def test_readme_block_is_created_once_then_replaced_in_place(tmp_path: Path) -> None:
@@ -41,3 +42,25 @@ def test_playlist_uris_cover_uri_lines_and_uri_attributes() -> None:
         "seg_vod_00003.ts",
         "k.bin",
     ]
+
+
+def test_loop_lag_figures_from_two_readings_of_the_histogram() -> None:
+    text = (
+        "# HELP hlsrelay_event_loop_lag_seconds x\n"
+        "# TYPE hlsrelay_event_loop_lag_seconds histogram\n"
+        + "".join(
+            f'hlsrelay_event_loop_lag_seconds_bucket{{le="{le}"}} {n}\n'
+            for le, n in (("0.01", 90), ("0.03", 98), ("0.05", 99), ("0.1", 100), ("+Inf", 100))
+        )
+        + "hlsrelay_event_loop_lag_seconds_count 100\nhlsrelay_event_loop_lag_seconds_sum 0.5\n"
+    )
+    before = loop_lag_buckets(text)
+    assert before == {0.01: 90, 0.03: 98, 0.05: 99, 0.1: 100, math.inf: 100}
+    # 50 quiet samples more: nothing over 10 ms.
+    quiet = {edge: n + 50 for edge, n in before.items()}
+    assert loop_lag_figures(before, quiet) == {"lag_max_ms": 10.0, "stalls": 0}
+    # Then two stalls between 50 and 100 ms, one of 20-30 ms.
+    more = {0.01: 0, 0.03: 1, 0.05: 1, 0.1: 3, math.inf: 3}
+    stalled = {edge: n + more[edge] for edge, n in quiet.items()}
+    assert loop_lag_figures(quiet, stalled) == {"lag_max_ms": 100.0, "stalls": 2}
+    assert loop_lag_figures(stalled, stalled) == {}  # no sample: nothing to say

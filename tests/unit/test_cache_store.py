@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -449,3 +450,18 @@ async def test_a_crowd_waiting_on_the_head_hands_over_writes_before_a_buffered_c
     assert await asyncio.gather(*viewers) == [(2, [b"cdef"])] * 3
     assert crowd.events[:3] == [("write", n) for n in range(3)]
     await tasks.close()
+
+
+async def test_stored_objects_cost_the_garbage_collector_nothing() -> None:
+    """Every full collection walks every tracked object: a store of 100,000 playlists must hold
+    only what the collector stops tracking (bytes, strings, numbers and tuples of them)."""
+    store = ObjectStore(LruMemoryCache(max_bytes=10_000_000), backend="memory")
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2000):
+        await store.set(f"k{i}", entry(b"%d" % i), ttl=60)
+    gc.collect()
+    gc.collect()  # a container is untracked once what it holds was (the collection after)
+    assert len(gc.get_objects()) - before < 50
+    found = await store.get("k1999")
+    assert found == entry(b"1999")

@@ -3,12 +3,22 @@ Histogram would for the same requests, and the exposition stays valid."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import LATENCY_BUCKETS, Metrics, RequestStats, status_class
+from proxy.metrics import (
+    LATENCY_BUCKETS,
+    LOOP_LAG_BUCKETS,
+    Metrics,
+    RequestStats,
+    sample_loop_lag,
+    status_class,
+)
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -57,3 +67,46 @@ def test_in_flight_and_families_in_the_app_registry() -> None:
     assert "# TYPE hlsrelay_http_requests_total counter" in text
     assert "# TYPE hlsrelay_http_request_duration_seconds histogram" in text
     assert "hlsrelay_http_requests_in_flight 3.0" in text
+
+
+def _block(seconds: float) -> None:
+    """Hold the event loop's thread, as a blocking call in a handler would."""
+    time.sleep(seconds)
+
+
+async def test_loop_lag_sampler_sees_a_blocked_loop() -> None:
+    registry = CollectorRegistry()
+    lag = Histogram("lag_seconds", "x", buckets=LOOP_LAG_BUCKETS, registry=registry)
+    sampler = asyncio.create_task(sample_loop_lag(lag, interval=0.005))
+    try:
+        await asyncio.sleep(0.05)  # quiet: every wake-up comes about on time
+        quiet = _samples(generate_latest(registry))
+        assert quiet[("lag_seconds_count", ())] >= 3
+        assert quiet[("lag_seconds_bucket", (("le", "0.05"),))] == quiet[("lag_seconds_count", ())]
+        _block(0.12)
+        await asyncio.sleep(0.02)
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    after = _samples(generate_latest(registry))
+    # Exactly one wake-up came late, by the time the loop was held (less what was left of the
+    # sampler's sleep when it started): above 100 ms, within 250 ms.
+    over_100ms = after[("lag_seconds_count", ())] - after[("lag_seconds_bucket", (("le", "0.1"),))]
+    assert over_100ms == 1
+    assert after[("lag_seconds_bucket", (("le", "0.25"),))] == after[("lag_seconds_count", ())]
+    assert after[("lag_seconds_sum", ())] >= 0.1
+
+
+def test_loop_lag_has_no_labels_and_fixed_buckets() -> None:
+    metrics = Metrics()
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        if f.name == "hlsrelay_event_loop_lag_seconds"
+    ]
+    assert family.type == "histogram"
+    assert {frozenset(s.labels) - {"le"} for s in family.samples} == {frozenset()}
+    edges = [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
+    assert edges == [*(str(b) for b in LOOP_LAG_BUCKETS), "+Inf"]
+    assert "0.05" in edges  # the stall limit of issue 7 is a bucket edge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 
 import pytest
 
@@ -257,3 +258,22 @@ def test_child_paths_keep_the_cache_bounded() -> None:
     paths = c.child_paths(token, ctx, big, UriKind.MEDIA)
     assert len(c._child_cache) <= 100
     assert paths == [codec().child_path(token, ctx, u, UriKind.MEDIA) for u in big]
+
+
+def test_memoised_refs_and_paths_cost_the_garbage_collector_nothing() -> None:
+    """Every full collection walks every tracked object: caches of 100,000 entries must hold
+    only what the collector stops tracking (strings, ints, tuples and dicts of them)."""
+    c = codec()
+    token = c.mint_context(URL, {})
+    ctx = c.open_context(token)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2000):
+        path = c.child_path(token, ctx, f"https://cdn.example.com/vod/abc/s{i}.ts", UriKind.MEDIA)
+        ref = c.open_ref(token, ctx, path.split("/")[0])
+        assert c.open_ref(token, ctx, path.split("/")[0]) == ref  # a hit gives the same ref
+    del path, ref
+    gc.collect()
+    gc.collect()  # a container is untracked once what it holds was (the collection after)
+    assert len(gc.get_objects()) - before < 50
+    assert len(c._child_cache) == len(c._ref_cache) == 2000
