@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,10 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
 
     served: list[tuple[web.Application, dict[str, Any]]] = []
     monkeypatch.setattr(cli.web, "run_app", lambda app, **kw: served.append((app, kw)))
-    monkeypatch.setattr(proxy.web.access_log, "configure_logging", lambda log_format: None)
+    closed: list[bool] = []
+    # The log writer's thread is not this test's subject; that serve closes it at exit is.
+    writer = types.SimpleNamespace(close=lambda: closed.append(True))
+    monkeypatch.setattr(proxy.web.access_log, "configure_logging", lambda log_format: writer)
     path = write(
         tmp_path, "[server]\nbacklog = 777\n[security]\nsecret = 'serve-test-secret-0123'\n"
     )
@@ -203,6 +207,7 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
     options["loop"].close()
     assert options["backlog"] == 777
     assert app.on_startup[-1] is cli.tune_gc  # after every cleanup_ctx has made its state
+    assert closed == [True]  # pending log lines written before the process ends
 
 
 async def test_tune_gc_freezes_what_startup_made_and_collects_young_objects_less_often() -> None:
