@@ -295,6 +295,11 @@ class BodyReader:
         """Other readers follow the same body now."""
         return self._body.readers > 1
 
+    @property
+    def readers(self) -> int:
+        """How many readers follow the same body now, this one included."""
+        return self._body.readers
+
     def __aiter__(self) -> BodyReader:
         return self
 

@@ -38,8 +38,11 @@ _GZIP_ETAG_SUFFIX = '-gz"'
 # A shared body's first write per viewer: small, so that a crowd waiting on one segment all get
 # their first bytes (and headers, in the same segment) before anyone gets the bulk.
 FIRST_WRITE_BYTES = 4 * 1024
-# The most a viewer of a body others read too writes per loop turn after that: 500 viewers
-# take ~70 ms a turn on this project's machine (an upstream chunk, up to 256 KB, would be ~4x).
+# What all the viewers of one shared body write together per loop turn after that, split evenly
+# (never less than FIRST_WRITE_BYTES each, never more than WRITE_SLICE_BYTES): a turn of 500
+# viewers writing 64 KiB each measured 250-500 ms of event-loop lag (bench_peers case 6); 2 MiB a
+# turn keeps it to a few ms, and a few viewers still write 64 KiB at a time.
+CROWD_TURN_BYTES = 2 * 1024 * 1024
 WRITE_SLICE_BYTES = 64 * 1024
 # Headers a 304 repeats (RFC 9110 §15.4.5); never a body or its length.
 _NOT_MODIFIED_HEADERS = ("Cache-Control", "ETag", "Last-Modified", "Vary", "Age")
@@ -200,7 +203,9 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
                 if not sent:
                     piece = view[:FIRST_WRITE_BYTES]  # first bytes to all before the bulk to any
                 elif reader.shared:
-                    piece = view[:WRITE_SLICE_BYTES]  # a crowd's turns stay short
+                    # A crowd's turns stay short: the more viewers, the smaller each one's slice.
+                    share = CROWD_TURN_BYTES // reader.readers
+                    piece = view[: max(FIRST_WRITE_BYTES, min(WRITE_SLICE_BYTES, share))]
                 else:
                     piece = view  # alone: an upstream chunk per turn costs nothing extra
                 # write() waits for this viewer's socket only; the others go at their own pace.

@@ -33,9 +33,7 @@ import os
 import random
 import re
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -45,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from yarl import URL
 
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
@@ -59,6 +56,7 @@ from tests.bench.bench_core import (
     machine,
     started,
 )
+from tests.bench.crowd import crowd_get
 from tests.services import nginx_edge
 
 T = TypeVar("T")
@@ -246,164 +244,6 @@ class CrowdRound:
     fastest_ms: float
 
 
-# Linux: SO_TIMESTAMPNS makes recvmsg() hand over, with each read, the time the kernel received
-# its first packet (CLOCK_REALTIME, as struct timespec). Python does not name the constant.
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@qq")
-
-
-class _Probe:
-    """One raw HTTP/1.1 GET that notes when its first body byte arrived and hashes the body.
-
-    "Arrived" is the kernel's receive timestamp of the read that held the first body byte
-    (SO_TIMESTAMPNS), not the moment this process got round to reading it: the client has one
-    core too, and 500 connections handing their first bytes to one Python loop would otherwise
-    time the client's own turn (measured 5-10 ms for the last of 500). The reference request to
-    the origin is timed the same way. After its first body byte a probe stops reading until every
-    probe of the crowd has one (``release``), so reading and hashing 500 x 2 MiB happens after the
-    figure is taken; bytes that arrive meanwhile wait in socket buffers (hlsrelay's pump never
-    waits for a viewer).
-    """
-
-    def __init__(self, crowd: _Crowd, sock: socket.socket) -> None:
-        self._crowd = crowd
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._head = b""
-        self._length: int | None = None
-        self._received = 0
-        self._digest = hashlib.sha256()
-        self.first_body_byte: float | None = None
-        """Kernel receive time of the first body byte, ``time.time()`` seconds."""
-        self.status = 0
-        self.done: asyncio.Future[str] = self._loop.create_future()
-        self._reading = False
-
-    def send(self, request: bytes) -> None:
-        self._sock.sendall(request)  # a few dozen bytes into an empty socket buffer
-        self.resume()
-
-    def _readable(self) -> None:
-        try:
-            data, ancillary, _, _ = self._sock.recvmsg(1 << 20, socket.CMSG_SPACE(_TIMESPEC.size))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, ancillary = b"", []
-        if not data:
-            self._finish()
-            return
-        arrived = None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                seconds, nanoseconds = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
-                arrived = seconds + nanoseconds / 1e9
-        if self._length is None:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, data = self._head[:end].decode("latin-1"), self._head[end + 4 :]
-            self.status = int(head.split(" ", 2)[1])
-            length = re.search(r"(?im)^content-length:\s*(\d+)", head)
-            self._length = int(length.group(1)) if length else -1  # -1: until the close
-        if data:
-            if self.first_body_byte is None:
-                self.first_body_byte = arrived if arrived is not None else time.time()
-                self._pause()
-                self._crowd.arrived(self)
-            self._digest.update(data)
-            self._received += len(data)
-        if self._length is not None and self._length >= 0 and self._received >= self._length:
-            self._finish()
-
-    def _pause(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self._sock.fileno())
-            self._reading = False
-
-    def resume(self) -> None:
-        if not self._reading and self._sock.fileno() >= 0:
-            self._loop.add_reader(self._sock.fileno(), self._readable)
-            self._reading = True
-
-    def _finish(self) -> None:
-        if not self.done.done():
-            complete = self._length is not None and self._received >= max(self._length, 0)
-            self.done.set_result(self._digest.hexdigest() if complete else "incomplete")
-        self._pause()
-        self._sock.close()
-
-
-class _Crowd:
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._waiting: list[_Probe] = []
-        self.all_arrived = asyncio.Event()
-
-    def arrived(self, probe: _Probe) -> None:
-        self._waiting.append(probe)
-        if len(self._waiting) >= self._size:
-            self.all_arrived.set()
-
-    def release(self) -> None:
-        for probe in self._waiting:
-            probe.resume()
-
-
-async def _connect(url: URL, crowd: _Crowd) -> _Probe:
-    assert url.host is not None and url.port is not None
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-    await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
-    return _Probe(crowd, sock)
-
-
-def _get_request(url: URL) -> bytes:
-    return (
-        f"GET {url.raw_path_qs} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-
-
-async def _crowd_get(
-    url: str, size: int, reference: str | None = None
-) -> tuple[list[float], list[str], float | None]:
-    """``size`` GETs of ``url`` sent at once on open connections.
-
-    Returns each client's time to first body byte, each body's digest, and the time to first
-    body byte of ``reference`` (another URL), sent right after the crowd's first request and
-    timed from the same instant: the same request at the same moment, without hlsrelay.
-    """
-    target = URL(url)
-    crowd = _Crowd(size)
-    # Players keep their connections open: connect first, so what is timed is the wait for the
-    # segment, not 500 handshakes at once on a listen backlog.
-    probes = [await _connect(target, crowd) for _ in range(size)]
-    ref_target = URL(reference) if reference else None
-    ref_probe = await _connect(ref_target, _Crowd(1)) if ref_target else None
-    request = _get_request(target)
-    t0 = time.time()  # the clock of the kernel's receive timestamps (CLOCK_REALTIME)
-    probes[0].send(request)
-    if ref_probe is not None and ref_target is not None:
-        ref_probe.send(_get_request(ref_target))
-    for probe in probes[1:]:
-        probe.send(request)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(crowd.all_arrived.wait(), 30)
-    crowd.release()
-    digests = await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), 120)
-    firsts = [p.first_body_byte - t0 for p in probes if p.first_body_byte is not None]
-    ref_first = None
-    if ref_probe is not None:
-        ref_probe.resume()
-        await asyncio.wait_for(ref_probe.done, 60)
-        if ref_probe.first_body_byte is not None:
-            ref_first = ref_probe.first_body_byte - t0
-    return firsts, list(digests), ref_first
-
-
 async def _crowd_round(origin: str, minter: Minter, number: int, route: str = "slow") -> CrowdRound:
     """One crowd; ``route`` "slow": the origin answers after 0.5 s; "early": it sends its
     headers at once and the body after 0.5 s."""
@@ -411,11 +251,10 @@ async def _crowd_round(origin: str, minter: Minter, number: int, route: str = "s
     url = minter.url(upstream, UriKind.MEDIA)
     expected = hashlib.sha256(_segment(number)).hexdigest()
     # The origin's own time to first body byte, alone, on a segment nobody else asks for.
-    alone, _, _ = await _crowd_get(f"{origin}/{route}/seg_{number + 500_000}.ts", 1)
+    alone = await crowd_get(f"{origin}/{route}/seg_{number + 500_000}.ts", 1)
     # ... and sent along with the crowd (so it meets the same client and machine load).
-    firsts, digests, with_crowd = await _crowd_get(
-        url, CROWD, f"{origin}/{route}/seg_{number + 700_000}.ts"
-    )
+    result = await crowd_get(url, CROWD, f"{origin}/{route}/seg_{number + 700_000}.ts")
+    firsts, digests, with_crowd = result.firsts, result.digests, result.reference
     if with_crowd is None:
         raise RuntimeError("the reference request to the origin got no body")
     counts = _origin_counts(origin)
@@ -425,7 +264,7 @@ async def _crowd_round(origin: str, minter: Minter, number: int, route: str = "s
     return CrowdRound(
         upstream_requests=counts.get(f"/{route}/seg_{number}.ts", 0),
         exact=all(digest == expected for digest in digests),
-        origin_alone_ms=alone[0] * 1000,
+        origin_alone_ms=alone.firsts[0] * 1000,
         origin_ttfb_ms=with_crowd * 1000,
         p50_ms=statistics.median(ttfbs) * 1000,
         p99_ms=ttfbs[int(len(ttfbs) * 0.99) - 1] * 1000,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import math
@@ -60,12 +61,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 from yarl import URL
 
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
 from tests.bench.bench_core import REPO, SHIPPED_CONFIG, Spread, _free_port, machine
+from tests.bench.crowd import crowd_get
 from tests.procs import stop
 
 COMMAND = "python -m tests.bench.bench_peers"
@@ -990,71 +991,35 @@ def _p99(values: Sequence[float]) -> float:
 @dataclass(frozen=True)
 class Crowd:
     ttfb_ms: list[float]
-    """Each waiter's first body byte, from the moment the crowd's first request was sent."""
+    """Each waiter's first body byte (the kernel's receive time), from the crowd's first request
+    sent."""
+    origin_ms: float
+    """The origin's own first body byte for a request sent with the crowd, from the same instant."""
     wrong: int
     ramp_ms: float
-    """From the first request sent to the last (this client opening its connections)."""
+    """From the first request sent to the last."""
 
 
-async def _crowd(url: str, expected: bytes, size: int) -> Crowd:
-    """``size`` clients ask for ``url`` at once: their times to first byte, wrong bodies.
+async def _crowd(url: str, expected: bytes, size: int, origin_url: str) -> Crowd:
+    """``size`` clients ask for ``url`` at once on open connections (tests/bench/crowd.py).
 
-    Times count from the first request on the wire (its headers sent), the moment the proxy
-    could first ask the origin; so the time this client takes to open its connections is not
-    charged to the proxy. Each client records its first byte, then waits until every client has
-    one before reading on, so this client's own work on a gigabyte of bodies does not delay
-    anyone's first byte.
+    Times are the kernel's receive timestamps of each first body byte, counted from the first
+    request on the wire, so neither this client's work on 500 connections nor its handshakes are
+    charged to the proxy. ``origin_url`` (a fresh segment) goes straight to the origin right
+    after the crowd's first request: the origin's time to first byte at that same moment.
     """
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    timeout = aiohttp.ClientTimeout(total=120)
-    wrong = 0
-    firsts = 0
-    everyone_started = asyncio.Event()
-    whole = memoryview(expected)
-    sent: list[float] = []
-
-    async def headers_sent(*_: object) -> None:
-        sent.append(time.perf_counter())
-
-    tracing = aiohttp.TraceConfig()
-    tracing.on_request_headers_sent.append(headers_sent)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, trace_configs=[tracing]
-    ) as session:
-        began = time.perf_counter()
-
-        async def one() -> float:
-            nonlocal wrong, firsts
-            ttfb = 0.0
-            try:
-                async with session.get(url) as response:
-                    offset = 0
-                    ok = response.status == 200
-                    async for chunk in response.content.iter_any():
-                        if not offset:
-                            ttfb = (time.perf_counter() - began) * 1000
-                            firsts += 1
-                            if firsts == size:
-                                everyone_started.set()
-                            await everyone_started.wait()
-                        if ok and whole[offset : offset + len(chunk)] != chunk:
-                            ok = False
-                        offset += len(chunk)
-                    if not ok or offset != len(expected):
-                        wrong += 1
-            except (aiohttp.ClientError, TimeoutError):
-                wrong += 1
-            finally:
-                if not ttfb:  # failed before its first byte: do not hold the others up
-                    firsts += 1
-                    if firsts >= size:
-                        everyone_started.set()
-            return ttfb
-
-        times = await asyncio.gather(*(one() for _ in range(size)))
-    first_sent = (min(sent) - began) * 1000 if sent else 0.0
-    ramp = (max(sent) - min(sent)) * 1000 if sent else 0.0
-    return Crowd([t - first_sent for t in times], wrong, ramp)
+    result = await crowd_get(url, size, origin_url, {"Referer": REFERER})
+    digest = hashlib.sha256(expected).hexdigest()
+    wrong = sum(found != digest for found in result.digests)
+    wrong += size - len(result.firsts)
+    if result.reference is None:
+        raise Wrong("the origin answered no body to the reference request")
+    return Crowd(
+        [first * 1000 for first in result.firsts],
+        result.reference * 1000,
+        wrong,
+        result.ramp * 1000,
+    )
 
 
 def _origin_counts(slow_origin: str) -> dict[str, int]:
@@ -1066,8 +1031,10 @@ def _origin_counts(slow_origin: str) -> dict[str, int]:
 def run_coalescing(bench: Bench) -> Case:
     case = Case(
         6,
-        f"coalescing: {CROWD} concurrent requests for one uncached 2 MiB segment (times from "
-        "the first request on the wire; client ramp: first to last request sent)",
+        f"coalescing: {CROWD} concurrent requests for one uncached 2 MiB segment on open "
+        "connections (first body bytes by the kernel's receive timestamps, from the first "
+        "request on the wire; origin TTFB: a request sent straight to the origin with the "
+        "crowd; client ramp: first to last request sent)",
         "",
         [
             ("upstream", "upstream requests", 0),
@@ -1099,21 +1066,18 @@ def run_coalescing(bench: Bench) -> Case:
             outcome = case.outcome(contestant.name)
             if outcome.failure:
                 continue
-            # The origin's own time to first byte for a fresh segment, just before the crowd.
-            origin_url = bench.urls.take(1, "slow")[0]
-            began = time.perf_counter()
-            request = urllib.request.Request(origin_url, headers={"Referer": REFERER})
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                answer.read(1)
-                origin_ms = (time.perf_counter() - began) * 1000
-                answer.read()
             url = bench.urls.take(1, "slow")[0]
             path = urlsplit(url).path
             probe = LagProbe(contestant.base, contestant.health)
             lag = LoopLag(contestant)
             with probe, lag:
                 crowd = asyncio.run(
-                    _crowd(contestant.base + contestant.paths(url, "media"), bench.files.big, CROWD)
+                    _crowd(
+                        contestant.base + contestant.paths(url, "media"),
+                        bench.files.big,
+                        CROWD,
+                        bench.urls.take(1, "slow")[0],
+                    )
                 )
             if crowd.wrong:
                 outcome.failure = f"{crowd.wrong} of {CROWD} waiters got a wrong or cut body"
@@ -1125,8 +1089,8 @@ def run_coalescing(bench: Bench) -> Case:
                     "upstream": upstream,
                     "p50_ms": statistics.median(crowd.ttfb_ms),
                     "p99_ms": p99,
-                    "origin_ms": origin_ms,
-                    "excess_ms": p99 - origin_ms,
+                    "origin_ms": crowd.origin_ms,
+                    "excess_ms": p99 - crowd.origin_ms,
                     "ramp_ms": crowd.ramp_ms,
                     **probe.figures(),
                     **lag.figures(),
