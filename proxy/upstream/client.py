@@ -104,8 +104,8 @@ class UpstreamResponse:
     """Called once when the body breaks off (a reset or a stall through a proxy is its fault)."""
     chunk_limit: int | None = None
     """Largest chunk :meth:`iter_chunks` hands on from now on; None: all that is buffered (fewer,
-    larger chunks, the fastest). Set when many bodies at once make memory the concern (see
-    :mod:`proxy.upstream.receive` and :meth:`limit_chunks`)."""
+    larger chunks, the fastest). Set from the receive share when many bodies arrive at once
+    (:mod:`proxy.upstream.receive`); :meth:`limit_chunks` may lower it then."""
     on_closed: Callable[[], None] | None = None
     """Called once when the response is closed or released (counts it out of the receive
     budget)."""
@@ -191,7 +191,7 @@ class UpstreamResponse:
         self._done()
 
     def limit_chunks(self, size: int) -> None:
-        """Hand on chunks of at most ``size`` bytes from now on, when this body's receive share
+        """Hand on chunks of at most ``size`` bytes from now on, while this body's receive share
         is limited (many bodies arriving at once, :mod:`proxy.upstream.receive`): then memory is
         what matters. With few bodies, big reads cost little memory and relay fastest: kept."""
         if self.chunk_limit is not None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy import request_log
 from proxy.errors import HlsRelayError
 from proxy.request_log import RequestFacts
-from proxy.web.keys import METRICS, REQUEST_FACTS
+from proxy.web.keys import METRICS, PREPARED_RESPONSE, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.web")
 
@@ -49,6 +49,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _HTTP_CODES.get(exc.status, "http_error")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_error(exc.status, code, exc.reason, headers)
+    except ConnectionResetError:
+        prepared: web.StreamResponse | None = request.get(PREPARED_RESPONSE)
+        if prepared is None:
+            raise
+        # The viewer went away mid-response (aiohttp's ClientConnectionResetError is one): how
+        # a player that seeks or leaves ends a download, not a fault. aiohttp ends it quietly
+        # and logs the request with what was sent. (Logged as an error, a crowd of 500 viewers
+        # leaving at once formatted 500 tracebacks on the event loop: a stall of seconds.)
+        return prepared
     except Exception:  # the one blanket catch: a bug must not reach the viewer as a traceback
         log.exception("unhandled error on %s", request.match_info.route.name or "unmatched")
         return json_error(500, "internal_error", "internal error")
@@ -81,7 +90,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: echo the request id, so a viewer's report finds its log line."""
+    """``on_response_prepare``: echo the request id, so a viewer's report finds its log line;
+    and remember the response (its headers are going out)."""
+    request[PREPARED_RESPONSE] = response
     facts = request.get(REQUEST_FACTS)
     if facts is not None:
         response.headers["X-Request-Id"] = facts.request_id

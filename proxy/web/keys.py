@@ -28,3 +28,5 @@ LIVE = web.AppKey("live", LivePool)
 BACKGROUND = web.AppKey("background", dict[str, "asyncio.Task[None]"])
 # Per request: what its access-log line says (request id, upstream host, cache result).
 REQUEST_FACTS = web.RequestKey("request_facts", RequestFacts)
+# Per request: the response whose headers went out (set when it is prepared).
+PREPARED_RESPONSE = web.RequestKey("prepared_response", web.StreamResponse)
