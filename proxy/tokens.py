@@ -327,8 +327,9 @@ class TokenCodec:
 
         A cold 3,000-segment playlist is 3,000 mints, and per URL the Python around the cipher
         (calls, key tuples, base64 and name checks one at a time) costs twice the cipher itself.
-        Here every step but the cipher runs once over the whole list in C (joined strings, one
-        base64 pass, one regex) and the cipher is driven by ``map``.
+        Here each step runs over the whole list at once (a comprehension, or one operation on
+        the URLs joined: one base64 pass, one translate, one regex for the names) and the
+        cipher is driven by ``map``.
 
         ``memoise=False`` neither looks in nor fills the memo: for a caller that remembers the
         result itself (the relay's per-playlist line memo), which saves a third of a cold mint.

@@ -65,13 +65,10 @@ _BOM: Final = b"\xef\xbb\xbf"
 _NO_IMPORTS: Final[Mapping[str, str]] = MappingProxyType({})
 _DECIMAL: Final = re.compile(rb"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _PLAYLIST_TYPES: Final = frozenset({"VOD", "EVENT"})
-# A URI line starting with one of these is not a plain relative path (root-relative,
-# network-path, query-only, or possibly a dot segment).
-_NOT_PLAIN_FIRST_BYTES: Final = frozenset(b"/?.")
 # After "https://", these (or nothing) mean an empty host, which PlaylistBase.resolve refuses.
 _NOT_A_HOST: Final = ("", "/", "?", "#", "\n")
-# _PlaylistRewriter._resolve_bytes: a line to leave to the general path (a str never equal to
-# a URL, compared by identity).
+# _PlaylistRewriter._resolve_bytes: a line to leave to the general path (a str no resolved
+# URL can equal: it starts with NUL, a URL with "http").
 _GENERAL: Final = "\x00general"
 
 
@@ -169,12 +166,11 @@ class _PlaylistRewriter:
         tag_line = self.tag_line
         uri_line = self.uri_line
         map_uri = self._map_uri
-        resolve = self._base.resolve
-        # The hot path, inlined: a bare relative URI line ("seg_00001.ts") of a media playlist
-        # without variables is the base directory plus the line (see PlaylistBase.resolve).
+        resolve = self._resolve_text
+        # The hot path: a URI line of a media playlist without variables ("seg_00001.ts"), which
+        # resolves against the base directory without the general uri_line.
         directory = self._base.directory if self._variables is None else None
         media, no_imports = UriKind.MEDIA, _NO_IMPORTS
-        not_plain = _NOT_PLAIN_FIRST_BYTES
         fast_count = 0
         dropped_at = -1
         memo = self._line_memo
@@ -221,16 +217,9 @@ class _PlaylistRewriter:
                         text = reference.decode()
                     except UnicodeDecodeError:
                         text = ""  # not valid UTF-8: leave it to the general path
-                    if not text:
-                        url = None
-                    elif first not in not_plain and "/." not in text and ":" not in text:
-                        # The commonest line of all, "seg_00001.ts": a concatenation. (The
-                        # checks run on str: `bytes in bytes` is several times slower.)
-                        url = directory + text
-                    else:
-                        url = resolve(text)
-                        if url is None:
-                            rewritten = line  # skd:, data:, other schemes: as written
+                    url = resolve(text) if text else None
+                    if text and url is None:
+                        rewritten = line  # skd:, data:, other schemes: as written
                     if url is not None:
                         fast_count += 1
                         replacement = map_uri(url, media, no_imports)
@@ -327,7 +316,11 @@ class _PlaylistRewriter:
         return [resolve(text) for text in joined.split("\n")], False
 
     def _resolve_text(self, text: str) -> str | None:
-        """PlaylistBase.resolve, with the commonest form, "seg_00001.ts", inlined."""
+        """PlaylistBase.resolve, with the commonest form, "seg_00001.ts", a concatenation.
+
+        Not root-relative, query-only or maybe a dot segment, no scheme: the directory plus the
+        text. (The checks run on str: ``bytes in bytes`` is several times slower.)
+        """
         if text[0] not in "/?." and "/." not in text and ":" not in text:
             return self._base.directory + text  # type: ignore[operator]
         return self._base.resolve(text)
