@@ -69,6 +69,7 @@ async def tune_gc(app: web.Application) -> None:
 def _serve(settings: Settings) -> int:
     # Imported here so `sign` and `check-config` stay quick and need no event loop.
     from proxy.app import create_app
+    from proxy.web import server
     from proxy.web.access_log import access_logger_for, configure_logging
 
     log_writer = configure_logging(settings.server.log_format)
@@ -88,17 +89,7 @@ def _serve(settings: Settings) -> int:
         settings.server.base_path,
     )
     try:
-        web.run_app(
-            app,
-            host=settings.server.host,
-            port=settings.server.port,
-            loop=loop,
-            shutdown_timeout=settings.server.shutdown_timeout,
-            backlog=settings.server.backlog,
-            access_log_class=access_logger_for(settings.server.log_format),
-            print=None,
-            handle_signals=True,
-        )
+        server.run(app, loop=loop, access_log_class=access_logger_for(settings.server.log_format))
     finally:
         log_writer.close()  # every pending line written before the process ends
     return 0

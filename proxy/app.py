@@ -32,10 +32,12 @@ from proxy.upstream.relay import StreamRelay
 from proxy.upstream.transport import TunnelConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
 from proxy.web.errors import add_request_id, error_middleware, metrics_middleware
+from proxy.web.fast_hits import FastHits
 from proxy.web.keys import (
     BACKGROUND,
     CHANNELS,
     CLIENT_SESSION,
+    FAST_HITS,
     LIVE,
     METRICS,
     PROXY_POOL,
@@ -58,6 +60,9 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.build_info.info(build_labels(__version__))
     app[METRICS] = metrics
+    app[FAST_HITS] = FastHits(
+        metrics, settings.security.cors_origins, settings.server.fast_hits_bytes
+    )
     app[READY] = {"ready": False}
     setup_routes(app, settings.server.base_path)
     app.on_response_prepare.append(add_cors_headers)

@@ -13,6 +13,7 @@ declare -A wanted=(
   [promtool]=prometheus
   [prometheus]=prometheus
   [yq]=yq
+  [ss]=iproute2
 )
 missing=()
 for bin in "${!wanted[@]}"; do

@@ -75,6 +75,8 @@ class RewrittenPlaylist:
     entry: CachedObject
     result: str
     """"hit", "miss", "stale", "coalesced" (cache outcomes) or "uncached" (a ranged request)."""
+    token_expires: int | None = None
+    """When the stream token it was asked for expires (``StreamContext.expires``)."""
 
     @property
     def body(self) -> bytes:
@@ -426,7 +428,7 @@ class StreamRelay:
         cached = await cache.store.get(key)
         if cached is not None and cached.is_fresh():
             cache.count("hit")
-            return RewrittenPlaylist(cached, "hit")
+            return RewrittenPlaylist(cached, "hit", ctx.expires)
 
         # A minted playlist URL may turn out to be media (a progressive file, a live TS stream):
         # the fetch that found it hands the open response to the request that started it.
@@ -482,7 +484,7 @@ class StreamRelay:
             raise
         if entry is not None:
             cache.count("miss" if led else "coalesced")
-            return RewrittenPlaylist(entry, "miss" if led else "coalesced")
+            return RewrittenPlaylist(entry, "miss" if led else "coalesced", ctx.expires)
         if led and media:
             cache.count("miss")
             return media.pop()

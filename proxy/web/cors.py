@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy.web.keys import SETTINGS
 
-_EXPOSE = (
+EXPOSE_HEADERS = (
     "Content-Length, Content-Range, Accept-Ranges, Content-Type, Age, ETag, Last-Modified, "
     "X-Request-Id"
 )
@@ -34,7 +34,7 @@ async def add_cors_headers(request: web.BaseRequest, response: web.StreamRespons
     if allowed is None:
         return
     response.headers["Access-Control-Allow-Origin"] = allowed
-    response.headers["Access-Control-Expose-Headers"] = _EXPOSE
+    response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
     if allowed != "*":
         response.headers.add("Vary", "Origin")
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy import request_log
 from proxy.errors import HlsRelayError
 from proxy.request_log import RequestFacts
-from proxy.web.keys import METRICS, PREPARED_RESPONSE, REQUEST_FACTS
+from proxy.web.keys import FAST_HITS, METRICS, PREPARED_RESPONSE, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.web")
 
@@ -78,6 +78,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.perf_counter()
     stats = metrics.http
     stats.in_flight += 1
+    # The fast path in front hands this connection's next requests back once this one is done.
+    request.app[FAST_HITS].handler_started(request)
     status = 500
     try:
         response = await handler(request)

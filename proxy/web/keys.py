@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +17,9 @@ from proxy.upstream.client import UpstreamClient
 from proxy.upstream.proxies import ProxyPool
 from proxy.upstream.relay import StreamRelay
 
+if TYPE_CHECKING:  # fast_hits imports the access log, which needs these keys
+    from proxy.web.fast_hits import FastHits
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
@@ -25,6 +29,7 @@ PROXY_POOL = web.AppKey("proxy_pool", ProxyPool)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CHANNELS = web.AppKey("channels", ChannelCatalog)
 LIVE = web.AppKey("live", LivePool)
+FAST_HITS: web.AppKey[FastHits] = web.AppKey("fast_hits")
 BACKGROUND = web.AppKey("background", dict[str, "asyncio.Task[None]"])
 # Per request: what its access-log line says (request id, upstream host, cache result).
 REQUEST_FACTS = web.RequestKey("request_facts", RequestFacts)

@@ -26,9 +26,10 @@ from proxy.upstream.relay import (
     MediaStream,
     RewrittenPlaylist,
     SharedMedia,
+    ll_hls_query,
 )
 from proxy.web.errors import json_error
-from proxy.web.keys import METRICS, RELAY
+from proxy.web.keys import FAST_HITS, METRICS, RELAY, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.streams")
 
@@ -44,6 +45,8 @@ FIRST_WRITE_BYTES = 4 * 1024
 # turn keeps it to a few ms, and a few viewers still write 64 KiB at a time.
 CROWD_TURN_BYTES = 2 * 1024 * 1024
 WRITE_SLICE_BYTES = 64 * 1024
+# Playlist answers the store holds (fresh): the fast path may give them again.
+_FAST_HIT_RESULTS = frozenset({"hit", "miss", "coalesced"})
 # Headers a 304 repeats (RFC 9110 §15.4.5); never a body or its length.
 _NOT_MODIFIED_HEADERS = ("Cache-Control", "ETag", "Last-Modified", "Vary", "Age")
 
@@ -72,6 +75,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if result.result in ("miss", "uncached"):  # hits and followers reuse one rewrite
             request.app[METRICS].playlists_rewritten.inc()
         answer = _from_entry(request, result.entry, from_cache=result.from_cache)
+        if result.result in _FAST_HIT_RESULTS and not ll_hls_query(
+            request.rel_url.raw_query_string
+        ):
+            # The store holds it: the next requests for this URL are answered by the fast path.
+            facts = request.get(REQUEST_FACTS)
+            request.app[FAST_HITS].remember(
+                request.raw_path,
+                result.entry,
+                token_expires=result.token_expires,
+                upstream_host=facts.upstream_host if facts is not None else "",
+            )
         if request.method == "GET" and isinstance(answer.body, bytes):
             # Bytes out include playlists (gzip'd when the viewer took it so): what went out.
             request.app[METRICS].relayed("playlist").inc(len(answer.body))

@@ -167,3 +167,51 @@ def test_configured_logging_writes_json_lines_in_batches(monkeypatch: pytest.Mon
         "line 1",
         "line 2",
     ]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_direct_access_lines_are_what_logging_would_write(
+    log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = {
+        "request_id": "abc",
+        "method": "GET",
+        "route": "stream",
+        "path": "/s/…/index.m3u8",
+        "status": 200,
+        "bytes": 913,
+        "duration_ms": 0.04,
+        "upstream_host": "cdn.example",
+        "cache": "hit",
+    }
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writer = access_log.configure_logging(log_format)
+    try:
+        formatter = writer.formatter
+        assert isinstance(formatter, access_log.TextFormatter | access_log.JsonFormatter)
+        created = 1_790_000_000.123456
+        record = logging.LogRecord(
+            "aiohttp.access", logging.INFO, __file__, 1, access_log._message(fields), None, None
+        )
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        setattr(record, access_log.FIELDS_ATTR, fields)
+        assert formatter.access_line(created, fields) == formatter.format(record)
+        # And log_access takes the direct way while serve's writer is configured.
+        access_log.log_access(logging.getLogger("aiohttp.access"), fields)
+    finally:
+        writer.close()
+        root.handlers[:], root.level = saved
+    (line,) = out.getvalue().splitlines()
+    if log_format == "json":
+        doc = json.loads(line)
+        assert doc["logger"] == "aiohttp.access" and doc["level"] == "info"
+        assert {k: doc[k] for k in fields} == fields
+    else:
+        assert line.endswith(
+            " INFO aiohttp.access: GET /s/…/index.m3u8 stream 200 913B 0.0ms up=cdn.example "
+            "cache=hit id=abc"
+        )
+    assert access_log._direct is None  # closed: ordinary logging again

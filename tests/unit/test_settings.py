@@ -191,10 +191,12 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import proxy.web.access_log
+    import proxy.web.server
     from proxy import __main__ as cli
+    from proxy.web.keys import SETTINGS
 
     served: list[tuple[web.Application, dict[str, Any]]] = []
-    monkeypatch.setattr(cli.web, "run_app", lambda app, **kw: served.append((app, kw)))
+    monkeypatch.setattr(proxy.web.server, "run", lambda app, **kw: served.append((app, kw)))
     closed: list[bool] = []
     # The log writer's thread is not this test's subject; that serve closes it at exit is.
     writer = types.SimpleNamespace(close=lambda: closed.append(True))
@@ -205,7 +207,8 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
     assert main(["serve", "--config", str(path)]) == 0
     ((app, options),) = served
     options["loop"].close()
-    assert options["backlog"] == 777
+    # server.start listens with it (tests/integration/test_fast_hits.py reads it back).
+    assert app[SETTINGS].server.backlog == 777
     assert app.on_startup[-1] is cli.tune_gc  # after every cleanup_ctx has made its state
     assert closed == [True]  # pending log lines written before the process ends
 

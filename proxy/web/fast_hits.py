@@ -1,0 +1,470 @@
+"""Cached playlist hits answered in front of aiohttp: a lean HTTP/1.1 path for the commonest one.
+
+A live playlist from the cache is what a crowd of players asks for most (every viewer, every
+target duration). Through aiohttp's request machinery (request object, a task, routing, three
+middlewares, response preparation) each one cost ~130 µs of CPU (bench_peers case 4: 7,900
+requests/s on one core against nginx ``proxy_cache`` hits' 53,000); aiohttp's own floor for an
+empty handler is ~33 µs. Here the answer is parsed, looked up and written straight to the socket.
+
+How it fits in: every connection's protocol is a :class:`FastHitsProtocol` wrapping aiohttp's own
+``RequestHandler``. What a viewer sends is parsed here first, strictly. A complete GET or HEAD
+whose request-target the memo holds, fresh, and whose headers ask nothing this path does not
+answer exactly as the handler would (conditionals and ranges go to aiohttp), is answered here.
+Every other request is handed to aiohttp byte for byte; while aiohttp answers anything on a
+connection, later requests follow it there, so answers keep their order. A request with a body,
+an upgrade, or anything the parser here refuses hands the connection to aiohttp for good.
+
+The memo is filled by the playlist handler (``web/streams.py``) when it answers from the store
+or fills it, keyed by the request-target as sent, and holds an entry until the stored copy stops
+being fresh or its stream token expires, whichever comes first. So it answers what the handler
+would have: the same bytes, the same headers (``Date``, ``Age`` and ``X-Request-Id`` made per
+request as there), the same metrics and the same access-log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, cast
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from proxy.cache.store import CachedObject
+from proxy.metrics import Metrics
+from proxy.request_log import request_id_from
+from proxy.web.access_log import ACCESS_LOGGER, log_access
+from proxy.web.cors import EXPOSE_HEADERS
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import RequestHandler
+
+# The route label and log name of a proxied stream (web/routes.py names it so).
+ROUTE = "stream"
+# Longest request head parsed here; longer ones go to aiohttp (which refuses past 8 KiB lines).
+MAX_HEAD_BYTES = 16 * 1024
+# Bodies up to this size go out in one write with their headers; bigger ones as two buffers.
+JOIN_BELOW_BYTES = 64 * 1024
+# What aiohttp's run_app keeps an idle keep-alive connection open for: the same here.
+KEEPALIVE_TIMEOUT_S = 75.0
+
+_GZIP_ETAG_SUFFIX = '-gz"'
+# Request headers that change the answer in ways only the full handler deals with: conditionals
+# (304s), ranges (an uncached upstream request), bodies and upgrades (not a simple GET).
+_TO_HANDLER = frozenset(
+    {
+        b"range",
+        b"if-range",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"expect",
+        b"upgrade",
+    }
+)
+# Headers whose value is read here: more than one of them and the handler decides.
+_READ_HERE = frozenset({b"accept-encoding", b"origin", b"x-request-id", b"connection"})
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_GET, _HEAD = b"GET", b"HEAD"
+
+log = logging.getLogger(ACCESS_LOGGER)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One memo entry: the fixed parts of the answer, body and gzip'd body."""
+
+    until: float
+    """Wall-clock time it stops being fresh (store freshness or token expiry)."""
+    stored_at: float
+    head: bytes
+    """Status line and fixed headers (each ending in CRLF), Content-Length included."""
+    gzip_head: bytes
+    body: bytes
+    gzip_body: bytes
+    name: str
+    upstream_host: str
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.gzip_body) + len(self.head) + len(self.gzip_head) + 256
+
+
+def _fixed_head(entry: CachedObject, body: bytes, gzipped: bool) -> bytes:
+    lines = ["HTTP/1.1 200 OK"]
+    for name, value in entry.headers:
+        if gzipped and name.lower() == "etag" and value.endswith('"'):
+            # A strong validator names one representation: the gzip'd one gets its own.
+            value = value[:-1] + _GZIP_ETAG_SUFFIX
+        lines.append(f"{name}: {value}")
+    if gzipped:
+        lines.append("Content-Encoding: gzip")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append(f"Server: {SERVER_SOFTWARE}")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def _accepts_gzip(value: bytes) -> bool:
+    # The same reading as web/streams.py's, over bytes.
+    for item in value.split(b","):
+        coding, _, params = item.strip().partition(b";")
+        if coding.strip().lower() in (b"gzip", b"x-gzip"):
+            quality = params.strip().lower().removeprefix(b"q=").strip()
+            return quality not in (b"0", b"0.0", b"0.00", b"0.000")
+    return False
+
+
+class FastHits:
+    """The memo of cached playlist answers and what answering one costs (metrics, log line)."""
+
+    def __init__(self, metrics: Metrics, cors_origins: tuple[str, ...], max_bytes: int) -> None:
+        self._metrics = metrics
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._answers: OrderedDict[str, _Answer] = OrderedDict()
+        self._any_origin = "*" in cors_origins
+        self._origins = frozenset(o.encode("latin-1") for o in cors_origins if o != "*")
+        self._any_origin_headers = (
+            f"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: {EXPOSE_HEADERS}\r\n"
+        ).encode("latin-1")
+        self._date_second = -1
+        self._date = b""
+        self.answered = 0
+        """Requests answered here since start (tests and benchmarks read it)."""
+        self.connections: dict[RequestHandler, FastHitsProtocol] = {}
+        """aiohttp's handler of each open connection -> its protocol here."""
+
+    @property
+    def enabled(self) -> bool:
+        return self._max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    # -- the memo -------------------------------------------------------------------------------
+
+    def remember(
+        self,
+        target: str,
+        entry: CachedObject,
+        *,
+        token_expires: int | None,
+        upstream_host: str,
+    ) -> None:
+        """Answer later requests for ``target`` (the request-target as sent) with ``entry``."""
+        if not self.enabled or not target.isascii():
+            return
+        until = entry.stored_at + entry.fresh_for
+        if token_expires is not None:
+            until = min(until, float(token_expires))
+        if until <= time.time():
+            return
+        path = target.partition("?")[0]
+        answer = _Answer(
+            until=until,
+            stored_at=entry.stored_at,
+            head=_fixed_head(entry, entry.body, gzipped=False),
+            gzip_head=_fixed_head(entry, entry.gzip_body, gzipped=True) if entry.gzip_body else b"",
+            body=entry.body,
+            gzip_body=entry.gzip_body,
+            name=path.rpartition("/")[2],
+            upstream_host=upstream_host,
+        )
+        if answer.size > self._max_bytes // 4:
+            return  # one huge VOD playlist must not push every live one out
+        old = self._answers.pop(target, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._answers[target] = answer
+        self._bytes += answer.size
+        while self._bytes > self._max_bytes:
+            _, dropped = self._answers.popitem(last=False)
+            self._bytes -= dropped.size
+
+    def _fresh(self, target: str, now: float) -> _Answer | None:
+        answer = self._answers.get(target)
+        if answer is None:
+            return None
+        if now >= answer.until:
+            del self._answers[target]
+            self._bytes -= answer.size
+            return None
+        return answer
+
+    # -- answering ------------------------------------------------------------------------------
+
+    def answer(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes], started: float
+    ) -> tuple[bytes, bytes] | None:
+        """The response (head, body) for a parsed request, or None: the handler answers it."""
+        now = time.time()
+        answer = self._fresh(target.decode("latin-1"), now)
+        if answer is None:
+            return None
+        extra = []
+        origin = headers.get(b"origin")
+        if self._any_origin:
+            extra.append(self._any_origin_headers)
+        elif origin is not None and origin in self._origins:
+            extra.append(
+                b"Access-Control-Allow-Origin: %s\r\nAccess-Control-Expose-Headers: %s\r\n"
+                b"Vary: Origin\r\n" % (origin, EXPOSE_HEADERS.encode("latin-1"))
+            )
+        accept = headers.get(b"accept-encoding")
+        if answer.gzip_body and accept is not None and _accepts_gzip(accept):
+            head, body = answer.gzip_head, answer.gzip_body
+        else:
+            head, body = answer.head, answer.body
+        header = headers.get(b"x-request-id")
+        request_id = request_id_from(None if header is None else header.decode("latin-1"))
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = formatdate(now, usegmt=True).encode("latin-1")
+        out = b"".join(
+            (
+                head,
+                b"Age: %d\r\n" % max(0, int(now - answer.stored_at)),
+                *extra,
+                b"X-Request-Id: %s\r\nDate: %s\r\n\r\n" % (request_id.encode(), self._date),
+            )
+        )
+        if method == _HEAD:
+            body = b""
+        self.answered += 1
+        self._count(method, answer, request_id, len(out) + len(body), len(body), started)
+        return out, body
+
+    def _count(
+        self,
+        method: bytes,
+        answer: _Answer,
+        request_id: str,
+        sent: int,
+        body_bytes: int,
+        started: float,
+    ) -> None:
+        metrics = self._metrics
+        metrics.cache_result("hit").inc()
+        if body_bytes:
+            metrics.relayed("playlist").inc(body_bytes)
+        seconds = time.perf_counter() - started
+        metrics.http.done(ROUTE, 200, seconds)
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "method": method.decode(),
+            "route": ROUTE,
+            "path": f"/s/…/{answer.name}",
+            "status": 200,
+            "bytes": sent,
+            "duration_ms": round(seconds * 1000, 2),
+            "upstream_host": answer.upstream_host,
+            "cache": "hit",
+        }
+        log_access(log, fields)  # the line web/access_log.py's AccessLogger writes for it
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """What ``loop.create_server`` takes: aiohttp's handler of each connection, wrapped."""
+
+        def factory() -> asyncio.Protocol:
+            return FastHitsProtocol(self, server())
+
+        return factory
+
+    def handler_started(self, request: web.BaseRequest) -> None:
+        """Called as aiohttp starts a request: tell the connection when it is done.
+
+        The task running the handler ends after the response is written (aiohttp writes a
+        ``web.Response``'s body after the handler returns, in the same task), so its end is
+        when the connection is aiohttp's no longer.
+        """
+        connection = self.connections.get(request.protocol)
+        task = asyncio.current_task()
+        if connection is not None and task is not None:
+            connection.handler_started()
+            task.add_done_callback(connection.handler_done)
+
+
+class FastHitsProtocol(asyncio.Protocol):
+    """One connection: cached playlist hits answered here, everything else by aiohttp."""
+
+    __slots__ = (
+        "_active",
+        "_buffer",
+        "_for_good",
+        "_hits",
+        "_idle_since",
+        "_idle_timer",
+        "_inner",
+        "_loop",
+        "_paused",
+        "_pending",
+        "_transport",
+    )
+
+    def __init__(self, hits: FastHits, inner: RequestHandler) -> None:
+        self._hits = hits
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._pending = 0
+        """Requests handed to aiohttp and not answered yet: until 0, later ones go there too."""
+        self._active = 0
+        """Requests aiohttp's handler is running (started, not done): the connection is busy."""
+        self._for_good = False
+        self._paused = False
+        self._loop = asyncio.get_running_loop()
+        self._idle_since = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; the interface is the same.
+        self._transport = cast(asyncio.Transport, transport)
+        self._inner.connection_made(transport)
+        self._hits.connections[self._inner] = self
+        self._idle_timer = self._loop.call_at(
+            self._idle_since + KEEPALIVE_TIMEOUT_S, self._close_if_idle
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hits.connections.pop(self._inner, None)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._transport = None
+        self._buffer = b""
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._inner.resume_writing()
+
+    def eof_received(self) -> None:
+        self._inner.eof_received()  # None: the transport closes once the viewer has
+
+    def data_received(self, data: bytes) -> None:
+        if self._for_good:
+            self._inner.data_received(data)
+            return
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while True:
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0:
+                rest = buffer[start:]
+                if len(rest) > MAX_HEAD_BYTES:
+                    self._hand_over(rest)
+                    return
+                self._buffer = rest
+                return
+            head = buffer[start : end + 4]
+            start = end + 4
+            if not self._answer(head):
+                if self._for_good:
+                    self._hand_over(head + buffer[start:])
+                    return
+                self._pending += 1
+                self._inner.data_received(head)
+
+    # -- here or there --------------------------------------------------------------------------
+
+    def _answer(self, head: bytes) -> bool:
+        """Answer one complete request head here; False: aiohttp does (and ``_for_good``
+        when what follows it cannot be parsed here)."""
+        started = time.perf_counter()
+        lines = head[:-4].split(b"\r\n")
+        request_line = lines[0].split(b" ")
+        bare = head[:-4].replace(b"\r\n", b"")
+        if len(request_line) != 3 or b"\n" in bare or b"\r" in bare:
+            self._for_good = True  # a lone CR or LF, extra spaces: aiohttp's parser decides
+            return False
+        method, target, version = request_line
+        headers: dict[bytes, bytes] = {}
+        to_handler = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or not _TOKEN_CHARS.issuperset(name):
+                self._for_good = True  # obs-fold, a space before the colon, garbage: aiohttp's
+                return False
+            name = name.lower()
+            if name in (b"content-length", b"transfer-encoding"):
+                if name == b"transfer-encoding" or value.strip() != b"0":
+                    self._for_good = True  # a body follows: the connection is aiohttp's now
+                    return False
+                continue
+            if name in _TO_HANDLER or (name in _READ_HERE and name in headers):
+                to_handler = True
+            headers[name] = value.strip()
+        if (
+            to_handler
+            or self._pending
+            or self._paused
+            or version != b"HTTP/1.1"
+            or method not in (_GET, _HEAD)
+            or not target.startswith(b"/")
+        ):
+            return False
+        connection = headers.get(b"connection")
+        if connection is not None and connection.lower() != b"keep-alive":
+            return False  # close (or anything else): aiohttp's handling of the connection
+        transport = self._transport
+        if transport is None:
+            return True  # gone: nothing to answer
+        answer = self._hits.answer(method, target, headers, started)
+        if answer is None:
+            return False
+        out, body = answer
+        if not body:
+            transport.write(out)
+        elif len(body) < JOIN_BELOW_BYTES:
+            transport.write(out + body)
+        else:
+            transport.writelines((out, body))
+        self._idle_since = self._loop.time()
+        return True
+
+    def _hand_over(self, data: bytes) -> None:
+        self._for_good = True
+        self._buffer = b""
+        if data:
+            self._inner.data_received(data)
+
+    def handler_started(self) -> None:
+        self._active += 1
+
+    def handler_done(self, _: asyncio.Future[Any]) -> None:
+        self._active -= 1
+        self._pending = max(0, self._pending - 1)
+        self._idle_since = self._loop.time()
+
+    def _close_if_idle(self) -> None:
+        # aiohttp's own keep-alive timer cannot see the answers given here, so the wrapped
+        # handler runs with a long one and this closes connections idle for as long as its
+        # default would: no request of aiohttp's running, none answered here, for the timeout.
+        # (A head arriving slowly is not activity, as in aiohttp: a slow sender is closed too.)
+        self._idle_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        now = self._loop.time()
+        due = self._idle_since + KEEPALIVE_TIMEOUT_S
+        if self._active or now < due:
+            self._idle_timer = self._loop.call_at(max(due, now + 1.0), self._close_if_idle)
+            return
+        transport.close()
