@@ -45,8 +45,10 @@ FIRST_WRITE_BYTES = 4 * 1024
 # turn keeps it to a few ms, and a few viewers still write 64 KiB at a time.
 CROWD_TURN_BYTES = 2 * 1024 * 1024
 WRITE_SLICE_BYTES = 64 * 1024
-# Playlist answers the store holds (fresh): the fast path may give them again.
-_FAST_HIT_RESULTS = frozenset({"hit", "miss", "coalesced"})
+# Playlist answers the store holds (fresh) and more than one viewer asked for: the fast path
+# gives them from now on. Not after a miss: most playlists asked for once (a VOD opened by one
+# viewer) would fill its memo for nothing.
+_FAST_HIT_RESULTS = frozenset({"hit", "coalesced"})
 # Headers a 304 repeats (RFC 9110 §15.4.5); never a body or its length.
 _NOT_MODIFIED_HEADERS = ("Cache-Control", "ETag", "Last-Modified", "Vary", "Age")
 
@@ -78,7 +80,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if result.result in _FAST_HIT_RESULTS and not ll_hls_query(
             request.rel_url.raw_query_string
         ):
-            # The store holds it: the next requests for this URL are answered by the fast path.
+            # Asked for again: the next requests for this URL are answered by the fast path.
             facts = request.get(REQUEST_FACTS)
             request.app[FAST_HITS].remember(
                 request.raw_path,

@@ -108,6 +108,12 @@ async def ask(served: Served, raw: bytes, head_only: bool = False) -> Answer:
         writer.close()
 
 
+async def warm(served: Served, path: str) -> None:
+    """A miss, then a hit through the handler: the fast path answers ``path`` from then on."""
+    await ask(served, request(path))
+    await ask(served, request(path))
+
+
 @pytest.fixture
 def playlist_origin(origin: Origin) -> Origin:
     origin.playlist("/live/index.m3u8", PLAYLIST)
@@ -135,7 +141,7 @@ async def test_a_fast_hit_is_the_answer_the_handler_gives(
         answers, here = [], []
         for served in (fast, full):
             path = served.mint(url)
-            await ask(served, request(path))  # a miss: the store has it after this
+            await warm(served, path)
             before = served.hits.answered
             answers.append(await ask(served, request(path, method, **headers), method == "HEAD"))
             here.append(served.hits.answered - before)
@@ -157,7 +163,7 @@ async def test_cors_for_listed_origins_only_as_the_handler_does(playlist_origin:
     cors = {"security": {"cors_origins": ["https://player.example"]}}
     async with serving(**cors) as fast:
         path = fast.mint(url)
-        await ask(fast, request(path))
+        await warm(fast, path)
         listed = await ask(fast, request(path, Origin="https://player.example"))
         other = await ask(fast, request(path, Origin="https://evil.example"))
         assert fast.hits.answered == 2
@@ -171,7 +177,7 @@ async def test_fast_hits_are_counted_and_logged_like_the_handlers(
 ) -> None:
     async with serving() as fast:
         path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         registry = fast.app[METRICS].registry
 
         def sample(name: str, **labels: str) -> float:
@@ -209,7 +215,7 @@ async def test_conditionals_ranges_and_odd_headers_go_to_the_handler(
 ) -> None:
     async with serving() as fast:
         path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         answer = await ask(fast, request(path, **headers))
         assert fast.hits.answered == 0
     assert answer.status in (200, 206, 304)
@@ -218,7 +224,7 @@ async def test_conditionals_ranges_and_odd_headers_go_to_the_handler(
 async def test_http_1_0_goes_to_the_handler(playlist_origin: Origin) -> None:
     async with serving() as fast:
         path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         answer = await ask(fast, f"GET {path} HTTP/1.0\r\n\r\n".encode())
         assert fast.hits.answered == 0
     assert answer.status == 200
@@ -235,7 +241,7 @@ async def test_answers_keep_request_order_behind_a_slow_handler(origin: Origin) 
     origin.routes["/slow.ts"] = slow
     async with serving() as fast:
         playlist = fast.mint(f"{origin.url}/live/index.m3u8")
-        await ask(fast, request(playlist))
+        await warm(fast, playlist)
         media = fast.app[RELAY].mint(f"{origin.url}/slow.ts", {"Referer": REFERER})
         media = media.rsplit("/", 1)[0] + "/slow.ts"
         reader, writer = await asyncio.open_connection(fast.host, fast.port)
@@ -262,7 +268,7 @@ async def test_a_request_with_a_body_hands_the_connection_to_aiohttp(
 ) -> None:
     async with serving() as fast:
         path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         reader, writer = await asyncio.open_connection(fast.host, fast.port)
         try:
             body = b'{"url": "x"}'
@@ -315,8 +321,8 @@ async def test_an_entry_is_answered_only_while_the_store_holds_it_fresh(origin: 
     origin.playlist("/short.m3u8", PLAYLIST.replace("TARGETDURATION:4", "TARGETDURATION:1"))
     async with serving() as fast:
         path = fast.mint(f"{origin.url}/short.m3u8")
-        await ask(fast, request(path))
-        await ask(fast, request(path))
+        await warm(fast, path)
+        await ask(fast, request(path))  # answered here
         assert fast.hits.answered == 1
         await asyncio.sleep(0.6)
         await ask(fast, request(path))  # stale: the handler fetched it again
@@ -331,7 +337,7 @@ async def test_an_expired_stream_token_is_never_answered_here(
     playlist_origin.playlist("/vod.m3u8", PLAYLIST + "#EXT-X-ENDLIST\n")
     async with serving(security={"token_ttl": 60, "token_expiry_bucket": 1}) as fast:
         path = fast.mint(f"{playlist_origin.url}/vod.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         await ask(fast, request(path))
         assert fast.hits.answered == 1  # while the token is good
         import time
@@ -379,7 +385,7 @@ async def test_idle_connections_are_closed_and_busy_ones_are_not(
     origin.routes["/trickle.ts"] = trickle
     async with serving() as fast:
         path = fast.mint(f"{origin.url}/live/index.m3u8")
-        await ask(fast, request(path))
+        await warm(fast, path)
         reader, writer = await asyncio.open_connection(fast.host, fast.port)
         busy_reader, busy_writer = await asyncio.open_connection(fast.host, fast.port)
         try:
@@ -402,7 +408,7 @@ async def test_shutdown_closes_idle_fast_connections_promptly(playlist_origin: O
     assert isinstance(site, server.FastHitsSite)
     path = app[RELAY].mint(f"{playlist_origin.url}/live/index.m3u8", {"Referer": REFERER})
     served = Served(app, "127.0.0.1", site.port)
-    await ask(served, request(path))
+    await warm(served, path)
     reader, writer = await asyncio.open_connection(served.host, served.port)
     writer.write(request(path))
     await read_answer(reader)
@@ -428,3 +434,19 @@ async def test_the_listening_socket_has_the_configured_backlog() -> None:
         assert out[2] == "777"  # State Recv-Q Send-Q: a listener's Send-Q is its backlog
     finally:
         await runner.cleanup()
+
+
+async def test_a_playlist_asked_for_once_is_not_kept_and_memo_entries_are_not_gc_tracked(
+    playlist_origin: Origin,
+) -> None:
+    import gc
+
+    async with serving() as fast:
+        path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
+        await ask(fast, request(path))
+        assert len(fast.hits) == 0  # a miss: maybe nobody asks again
+        await ask(fast, request(path))
+        assert len(fast.hits) == 1  # asked for again: kept
+        gc.collect()
+        (answer,) = fast.hits._answers.values()
+        assert not gc.is_tracked(answer)  # full collections never walk the memo's entries
