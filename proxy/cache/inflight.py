@@ -20,6 +20,10 @@ has it, not after the whole body; a late joiner first gets what has arrived so f
 
 The pump never waits for readers before spilling: a slow viewer slows only itself.
 
+All pumps together take chunks for at most ``turn_seconds`` per turn of the event loop
+(:class:`PumpTurn`); past it they wait for the next turn, so hundreds of bodies relayed at once
+never hold up every other request for the length of one chunk each.
+
 A crowd waiting for a body's first byte is let go by the pump itself: each waiting reader may
 hand it a *first write* (:meth:`BodyReader.first_bytes`), and the pump runs all of them in one
 loop when the first chunk arrives, instead of waking every reader's task to write its own. The
@@ -33,6 +37,7 @@ This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -101,6 +106,53 @@ class _Meter:
 
     def __init__(self) -> None:
         self.held = 0
+
+
+class PumpTurn:
+    """How long the pumps may keep taking chunks in one turn of the event loop.
+
+    Every pump that has a chunk wakes in the same turn: with hundreds of bodies, and viewers
+    whose socket buffers take all they are given, one turn relayed a chunk for each of them
+    (500 x 16 KiB, 60-85 ms of one core in bench_peers' memory case) and every other request
+    waited that long. Once a turn has run ``slice_seconds`` since its first chunk, a pump that
+    takes one more waits for the next turn, and the loop runs its timers and other requests in
+    between. Turns shorter than that (a few bodies, or fast ones: big chunks, few of them) are
+    never cut. 0: never.
+    """
+
+    __slots__ = ("_new_turn", "_next", "_over", "_slice", "_start")
+
+    def __init__(self, slice_seconds: float) -> None:
+        self._slice = slice_seconds
+        self._start = 0.0
+        self._over = False
+        self._next = asyncio.Event()
+        self._new_turn: asyncio.Handle | None = None
+
+    def spent(self) -> bool:
+        """Count a chunk taken now; True when this turn has run its slice (wait: :meth:`next`)."""
+        if not self._slice:
+            return False
+        now = time.perf_counter()
+        if self._new_turn is None:
+            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
+            self._new_turn = asyncio.get_running_loop().call_soon(self._end)
+            self._start = now
+            return False
+        if now - self._start >= self._slice:
+            self._over = True
+        return self._over
+
+    async def next(self) -> None:
+        """Wait for the next turn."""
+        while self._over:
+            await self._next.wait()
+
+    def _end(self) -> None:
+        self._over = False
+        self._new_turn = None
+        done, self._next = self._next, asyncio.Event()
+        done.set()
 
 
 class SharedBody:
@@ -329,6 +381,7 @@ class SharedBodies:
         *,
         held_bytes: int | None = None,
         pressure_window_bytes: int | None = None,
+        turn_seconds: float = 0.0,
     ) -> None:
         self._tasks = tasks
         self._limit = max_object_bytes
@@ -337,6 +390,7 @@ class SharedBodies:
         self._pressure_window = max(1, min(pressure_window_bytes or window_bytes, window_bytes))
         self._meter = _Meter()
         self._bodies: dict[str, SharedBody] = {}
+        self._turn = PumpTurn(turn_seconds)
 
     @property
     def held(self) -> int:
@@ -419,6 +473,7 @@ class SharedBodies:
         self, key: str, body: SharedBody, source: BodySource, on_complete: OnComplete | None
     ) -> None:
         complete = False
+        turn = self._turn
         body._set_head(source.head)
         if body._head_waiters > 1:
             # A crowd waits for the head: one turn, so its readers can prepare their answers
@@ -438,6 +493,8 @@ class SharedBodies:
                     await body._wait_for_room()
                     if not body.readers:
                         break  # nobody left to read it, and it will not be stored
+                if turn.spent():
+                    await turn.next()
             else:
                 complete = True
         except HlsRelayError as exc:

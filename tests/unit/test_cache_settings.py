@@ -19,7 +19,21 @@ def test_shipped_cache_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cache.memory_bytes == 256 * 1024 * 1024
     assert cache.max_object_bytes == 8 * 1024 * 1024
     assert cache.inflight_bytes == 32 * 1024 * 1024
+    assert cache.inflight_turn_seconds == 0.005
     assert cache.stale_if_error == 30.0
+
+
+def test_inflight_turn_seconds_is_overridden_and_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[cache]\ninflight_turn_seconds = 0\n")
+    assert load_settings(path).cache.inflight_turn_seconds == 0  # no limit
+    monkeypatch.setenv("HLSRELAY_CACHE__INFLIGHT_TURN_SECONDS", "0.02")
+    assert load_settings(path).cache.inflight_turn_seconds == 0.02
+    monkeypatch.setenv("HLSRELAY_CACHE__INFLIGHT_TURN_SECONDS", "-1")
+    with pytest.raises(ConfigError, match="inflight_turn_seconds"):
+        load_settings(path)
 
 
 def test_every_cache_key_is_documented_in_the_shipped_config() -> None:
