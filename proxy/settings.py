@@ -268,7 +268,7 @@ class CacheSettings(_Section):
     """Byte budget of the in-memory store; least recently used entries go first. 0 = no cache."""
     max_object_bytes: int = Field(8 * 1024 * 1024, ge=0)
     """Largest media object kept in the cache (and buffered whole for followers)."""
-    inflight_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    inflight_bytes: int = Field(16 * 1024 * 1024, ge=0)
     """Bytes that media bodies still arriving may hold together, kept whole to be stored and
     shared with late joiners; past it a new chunk's body is only streamed through (small window,
     not stored). Bounds memory with many slow viewers on different segments."""

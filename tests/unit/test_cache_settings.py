@@ -18,7 +18,7 @@ def test_shipped_cache_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cache.prefetch_segments == 0
     assert cache.memory_bytes == 256 * 1024 * 1024
     assert cache.max_object_bytes == 8 * 1024 * 1024
-    assert cache.inflight_bytes == 32 * 1024 * 1024
+    assert cache.inflight_bytes == 16 * 1024 * 1024
     assert cache.inflight_turn_seconds == 0.005
     assert cache.stale_if_error == 30.0
 
