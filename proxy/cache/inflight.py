@@ -20,7 +20,7 @@ has it, not after the whole body; a late joiner first gets what has arrived so f
 
 The pump never waits for readers before spilling: a slow viewer slows only itself.
 
-All pumps together take chunks for at most ``turn_seconds`` per turn of the event loop
+All pumps together take at most ``turn_chunks`` chunks per turn of the event loop
 (:class:`PumpTurn`); past it they wait for the next turn, so hundreds of bodies relayed at once
 never hold up every other request for the length of one chunk each.
 
@@ -37,7 +37,6 @@ This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,47 +108,44 @@ class _Meter:
 
 
 class PumpTurn:
-    """How long the pumps may keep taking chunks in one turn of the event loop.
+    """How many chunks all pumps together may take in one turn of the event loop.
 
     Every pump that has a chunk wakes in the same turn: with hundreds of bodies, and viewers
     whose socket buffers take all they are given, one turn relayed a chunk for each of them
-    (500 x 16 KiB, 60-85 ms of one core in bench_peers' memory case) and every other request
-    waited that long. Once a turn has run ``slice_seconds`` since its first chunk, a pump that
-    takes one more waits for the next turn, and the loop runs its timers and other requests in
-    between. Turns shorter than that (a few bodies, or fast ones: big chunks, few of them) are
-    never cut. 0: never.
+    (500 chunks of 16 KiB, 60-85 ms of one core in bench_peers' memory case) and every other
+    request waited that long. Past ``chunks`` in a turn, a pump waits for the next turn, and
+    the loop runs its timers and other requests in between. Counted in chunks, not time: it is
+    the count that grows with the bodies relayed at once (64 fast downloads take at most ~90 a
+    turn, big ones, and are never cut), and a count does not mistake a busy machine for work.
+    0: no limit.
     """
 
-    __slots__ = ("_new_turn", "_next", "_over", "_slice", "_start")
+    __slots__ = ("_chunks", "_new_turn", "_next", "_taken")
 
-    def __init__(self, slice_seconds: float) -> None:
-        self._slice = slice_seconds
-        self._start = 0.0
-        self._over = False
+    def __init__(self, chunks: int) -> None:
+        self._chunks = chunks
+        self._taken = 0
         self._next = asyncio.Event()
         self._new_turn: asyncio.Handle | None = None
 
-    def spent(self) -> bool:
-        """Count a chunk taken now; True when this turn has run its slice (wait: :meth:`next`)."""
-        if not self._slice:
+    def take(self) -> bool:
+        """Count a chunk taken now; True when this turn's chunks are all taken (then wait for
+        :meth:`next` before taking another)."""
+        if not self._chunks:
             return False
-        now = time.perf_counter()
         if self._new_turn is None:
             # Callbacks queued now run in the loop's next batch: that is where the turn ends.
             self._new_turn = asyncio.get_running_loop().call_soon(self._end)
-            self._start = now
-            return False
-        if now - self._start >= self._slice:
-            self._over = True
-        return self._over
+        self._taken += 1
+        return self._taken >= self._chunks
 
     async def next(self) -> None:
-        """Wait for the next turn."""
-        while self._over:
+        """Wait for a turn with chunks left."""
+        while self._chunks and self._taken >= self._chunks:
             await self._next.wait()
 
     def _end(self) -> None:
-        self._over = False
+        self._taken = 0
         self._new_turn = None
         done, self._next = self._next, asyncio.Event()
         done.set()
@@ -381,7 +377,7 @@ class SharedBodies:
         *,
         held_bytes: int | None = None,
         pressure_window_bytes: int | None = None,
-        turn_seconds: float = 0.0,
+        turn_chunks: int = 0,
     ) -> None:
         self._tasks = tasks
         self._limit = max_object_bytes
@@ -390,7 +386,7 @@ class SharedBodies:
         self._pressure_window = max(1, min(pressure_window_bytes or window_bytes, window_bytes))
         self._meter = _Meter()
         self._bodies: dict[str, SharedBody] = {}
-        self._turn = PumpTurn(turn_seconds)
+        self._turn = PumpTurn(turn_chunks)
 
     @property
     def held(self) -> int:
@@ -493,7 +489,7 @@ class SharedBodies:
                     await body._wait_for_room()
                     if not body.readers:
                         break  # nobody left to read it, and it will not be stored
-                if turn.spent():
+                if turn.take():
                     await turn.next()
             else:
                 complete = True

@@ -467,12 +467,12 @@ async def test_stored_objects_cost_the_garbage_collector_nothing() -> None:
     assert found == entry(b"1999")
 
 
-async def _sizes_seen_each_turn(turn_seconds: float) -> tuple[list[int], bytes]:
+async def _sizes_seen_each_turn(turn_chunks: int) -> tuple[list[int], bytes]:
     """Pump one body whose upstream always has its next chunk ready; the body's size at every
     loop turn meanwhile, and the bytes a reader got."""
     tasks = BackgroundTasks()
     bodies = SharedBodies(
-        tasks, max_object_bytes=10**6, window_bytes=10**6, turn_seconds=turn_seconds
+        tasks, max_object_bytes=10**6, window_bytes=10**6, turn_chunks=turn_chunks
     )
     chunks = [bytes([n]) * 10 for n in range(20)]
     source = FakeSource([*chunks, None])
@@ -492,12 +492,12 @@ async def _sizes_seen_each_turn(turn_seconds: float) -> tuple[list[int], bytes]:
     return sizes, got
 
 
-async def test_pumps_wait_for_the_next_turn_once_a_turn_has_run_its_slice() -> None:
-    # A slice spent at once: other tasks (here, the one sampling) run every couple of chunks.
-    sizes, got = await _sizes_seen_each_turn(1e-9)
+async def test_pumps_wait_for_the_next_turn_once_its_chunks_are_taken() -> None:
+    # Two chunks a turn: the task sampling the body's size sees it grow two chunks at a time.
+    sizes, got = await _sizes_seen_each_turn(2)
     assert got == b"".join(bytes([n]) * 10 for n in range(20))
-    assert len(set(sizes)) >= 10
-    # Without a slice the pump takes every ready chunk in one step.
+    assert sorted(set(sizes)) == list(range(0, 201, 20))
+    # Without a limit the pump takes every ready chunk in one step.
     sizes, got = await _sizes_seen_each_turn(0)
     assert got == b"".join(bytes([n]) * 10 for n in range(20))
-    assert len(set(sizes)) <= 3
+    assert len(set(sizes)) <= 2
