@@ -272,10 +272,14 @@ class CacheSettings(_Section):
     """Byte budget of the in-memory store; least recently used entries go first. 0 = no cache."""
     max_object_bytes: int = Field(8 * 1024 * 1024, ge=0)
     """Largest media object kept in the cache (and buffered whole for followers)."""
-    inflight_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    inflight_bytes: int = Field(16 * 1024 * 1024, ge=0)
     """Bytes that media bodies still arriving may hold together, kept whole to be stored and
     shared with late joiners; past it a new chunk's body is only streamed through (small window,
     not stored). Bounds memory with many slow viewers on different segments."""
+    inflight_turn_chunks: int = Field(128, ge=0)
+    """Chunks the media bodies in flight may take from their upstreams in one turn of the event
+    loop, all together; past it the rest wait for the next turn, so hundreds of bodies relayed
+    at once never hold up other requests. 0 = no limit."""
     media_ttl: float = Field(300.0, ge=0)
     """Seconds a segment, part or init section stays in the store; 0 = media is not stored."""
     key_ttl: float = Field(30.0, ge=0)

@@ -47,6 +47,7 @@ class CacheLayer:
                 SPILL_WINDOW_BYTES,
                 held_bytes=settings.inflight_bytes,
                 pressure_window_bytes=PRESSURE_WINDOW_BYTES,
+                turn_chunks=settings.inflight_turn_chunks,
             ),
             metrics=metrics,
         )

@@ -56,7 +56,7 @@ from proxy.settings import ProxiesSettings, UpstreamSettings
 from proxy.upstream.breaker import CircuitBreakers
 from proxy.upstream.guard import DestinationGuard
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
-from proxy.upstream.receive import SHARE_PARTS, UNBUDGETED_KINDS, ReceiveBudget
+from proxy.upstream.receive import UNBUDGETED_KINDS, BodyFit, ReceiveBudget
 from proxy.upstream.routing import Route, Router
 from proxy.upstream.transport import ProxyFailure, TunnelRefused
 
@@ -111,6 +111,9 @@ class UpstreamResponse:
     budget)."""
     received: Counter | None = None
     """Counts body bytes as they arrive (``hlsrelay_upstream_received_bytes_total{kind}``)."""
+    fit: BodyFit | None = None
+    """Keeps the body's buffers and :attr:`chunk_limit` at its receive share as other bodies
+    come and go (:mod:`proxy.upstream.receive`); None: no budget applies."""
 
     @property
     def status(self) -> int:
@@ -136,8 +139,11 @@ class UpstreamResponse:
         """The body as it arrives, mapped errors included; ends at end of body."""
         content = self.raw.content
         received = self.received
+        fit = self.fit
         while True:
             with self._body_errors():
+                if fit is not None and fit.check():
+                    self.chunk_limit = fit.chunk_limit
                 limit = self.chunk_limit
                 if limit is None:
                     # Chunks as they were received: readany() would join what is buffered (a
@@ -194,7 +200,10 @@ class UpstreamResponse:
         """Hand on chunks of at most ``size`` bytes from now on, while this body's receive share
         is limited (many bodies arriving at once, :mod:`proxy.upstream.receive`): then memory is
         what matters. With few bodies, big reads cost little memory and relay fastest: kept."""
-        if self.chunk_limit is not None:
+        if self.fit is not None:
+            self.fit.limit_chunks(size)
+            self.chunk_limit = self.fit.chunk_limit
+        elif self.chunk_limit is not None:
             self.chunk_limit = min(size, self.chunk_limit)
 
     def _done(self) -> None:
@@ -544,15 +553,16 @@ class UpstreamClient:
                 # The host name only: a path or query can hold a signature or a credential.
                 request_log.note_upstream_host(target.host)
                 encoding = raw.headers.get("Content-Encoding", "identity").strip().lower()
-                # Now, when the bodies requested meanwhile count too.
-                share = budget.share(kind)
-                budget.fit(raw, share)
+                # Fitted now, when the bodies requested meanwhile count too, and again as
+                # others come and go.
+                fit = BodyFit(budget, raw, kind) if read_bufsize is not None else None
                 return UpstreamResponse(
                     raw=raw,
                     final_url=str(target),
                     decoded=decompress and encoding != "identity",
                     received=received,
-                    chunk_limit=share // SHARE_PARTS if share is not None else None,
+                    chunk_limit=fit.chunk_limit if fit is not None else None,
+                    fit=fit,
                 )
             raw.close()
             try:

@@ -17,6 +17,12 @@ its largest chunk get one part each (the receive buffer never below
 :data:`MIN_RECEIVE_BUFFER_BYTES`). A connection whose receive buffer was shrunk gets its former
 size back when it is used again without a limit.
 
+A body keeps following its share while it is received (:class:`BodyFit`): in a burst of
+requests the first ones see few others yet and start with big buffers (a quarter of the 500
+bodies of bench_peers' memory case held 61 MB of read buffers between them, by the sizes chosen
+at their requests), so when the count of bodies has halved or doubled since a body was last
+fitted, its buffers are fitted again at the next chunk read.
+
 The price: a connection then receives about one receive buffer per round trip. With the default
 budget and 500 bodies at once that is the floor, some 32-48 KiB: 650 KB/s or more (5 Mbit/s)
 from an origin 50 ms away. With far origins and many viewers downloading at once, raise the
@@ -121,6 +127,82 @@ class ReceiveBudget:
             return
 
 
+def set_read_limit(content: aiohttp.StreamReader, size: int) -> bool:
+    """Make ``size`` the read buffer of ``content`` (aiohttp pauses its socket past twice it).
+
+    aiohttp fixes it when the request is made and offers only to raise it
+    (``set_read_chunk_size``); lowering it means setting the two limits the reader compares
+    against. False when this aiohttp keeps them elsewhere: the buffer then stays as it was.
+    """
+    if content.get_read_buffer_limits() == (size, size * 2):
+        return True
+    try:
+        content._low_water = size  # no public way to lower them
+        content._high_water = size * 2
+    except AttributeError:
+        return False
+    return content.get_read_buffer_limits() == (size, size * 2)
+
+
+class BodyFit:
+    """One body's buffers kept at its share of the budget while it is received.
+
+    Checked at every chunk read (:meth:`check`, a comparison while the count of bodies stays
+    put); fitted again when its share has halved or doubled since, or changed between limited
+    and not: the read buffer (what :meth:`ReceiveBudget.read_bufsize` gives a body requested
+    then), the socket's receive buffer and the largest chunk follow it, so bodies that began in
+    a burst with big buffers give them up as the others arrive, and get them back when the
+    others are done. Bytes already buffered stay; none are read past the new limits.
+    """
+
+    __slots__ = ("_budget", "_cap", "_kind", "_raw", "_seen", "share")
+
+    def __init__(self, budget: ReceiveBudget, raw: aiohttp.ClientResponse, kind: str) -> None:
+        self._budget = budget
+        self._raw = raw
+        self._kind = kind
+        self._seen = budget.open
+        self._cap: int | None = None
+        self.share: int | None = None
+        """The share fitted now; None: no limit."""
+        self._apply(budget.share(kind))
+
+    @property
+    def chunk_limit(self) -> int | None:
+        """Largest chunk to hand on; None: all that is buffered."""
+        if self.share is None:
+            return None
+        part = self.share // SHARE_PARTS
+        return part if self._cap is None else min(part, self._cap)
+
+    def limit_chunks(self, size: int) -> None:
+        """Chunks of at most ``size`` from now on, while the share is limited."""
+        self._cap = size if self._cap is None else min(size, self._cap)
+
+    def check(self) -> bool:
+        """Fit the body again if its share moved far enough since; True if it did."""
+        budget = self._budget
+        if budget.open == self._seen:
+            return False
+        self._seen = budget.open
+        share = budget.share(self._kind)
+        now = self.share
+        if share == now or (share is not None and now is not None and now // 2 < share < now * 2):
+            return False
+        self._apply(share)
+        return True
+
+    def _apply(self, share: int | None) -> None:
+        self.share = share
+        budget = self._budget
+        budget.fit(self._raw, share)
+        # What a body requested now would get: an eighth of the share, within bounds. Set at
+        # the headers too: the request chose it when fewer bodies may have been counted.
+        size = budget.read_bufsize(self._kind)
+        if size is not None:
+            set_read_limit(self._raw.content, size)
+
+
 __all__ = [
     "MAX_READ_BUFFER_BYTES",
     "MIN_READ_BUFFER_BYTES",
@@ -129,5 +211,7 @@ __all__ = [
     "SHARE_PARTS",
     "UNBUDGETED_KINDS",
     "UNLIMITED_SHARE_BYTES",
+    "BodyFit",
     "ReceiveBudget",
+    "set_read_limit",
 ]

@@ -18,8 +18,22 @@ def test_shipped_cache_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cache.prefetch_segments == 0
     assert cache.memory_bytes == 256 * 1024 * 1024
     assert cache.max_object_bytes == 8 * 1024 * 1024
-    assert cache.inflight_bytes == 32 * 1024 * 1024
+    assert cache.inflight_bytes == 16 * 1024 * 1024
+    assert cache.inflight_turn_chunks == 128
     assert cache.stale_if_error == 30.0
+
+
+def test_inflight_turn_chunks_is_overridden_and_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[cache]\ninflight_turn_chunks = 0\n")
+    assert load_settings(path).cache.inflight_turn_chunks == 0  # no limit
+    monkeypatch.setenv("HLSRELAY_CACHE__INFLIGHT_TURN_CHUNKS", "256")
+    assert load_settings(path).cache.inflight_turn_chunks == 256
+    monkeypatch.setenv("HLSRELAY_CACHE__INFLIGHT_TURN_CHUNKS", "-1")
+    with pytest.raises(ConfigError, match="inflight_turn_chunks"):
+        load_settings(path)
 
 
 def test_every_cache_key_is_documented_in_the_shipped_config() -> None:

@@ -466,3 +466,39 @@ async def test_stored_objects_cost_the_garbage_collector_nothing() -> None:
     assert len(gc.get_objects()) - before < 50
     found = await store.get("k1999")
     assert found == entry(b"1999")
+
+
+async def _sizes_seen_each_turn(turn_chunks: int) -> tuple[list[int], bytes]:
+    """Pump one body whose upstream always has its next chunk ready; the body's size at every
+    loop turn meanwhile, and the bytes a reader got."""
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(
+        tasks, max_object_bytes=10**6, window_bytes=10**6, turn_chunks=turn_chunks
+    )
+    chunks = [bytes([n]) * 10 for n in range(20)]
+    source = FakeSource([*chunks, None])
+
+    async def opener() -> FakeSource:
+        return source
+
+    body = bodies.start("k", opener)
+    reader = body.reader()
+    sizes: list[int] = []
+    while not body.done:
+        sizes.append(body.size)
+        await asyncio.sleep(0)
+    got = b"".join([bytes(chunk) async for chunk in reader])
+    reader.close()
+    await tasks.close()
+    return sizes, got
+
+
+async def test_pumps_wait_for_the_next_turn_once_its_chunks_are_taken() -> None:
+    # Two chunks a turn: the task sampling the body's size sees it grow two chunks at a time.
+    sizes, got = await _sizes_seen_each_turn(2)
+    assert got == b"".join(bytes([n]) * 10 for n in range(20))
+    assert sorted(set(sizes)) == list(range(0, 201, 20))
+    # Without a limit the pump takes every ready chunk in one step.
+    sizes, got = await _sizes_seen_each_turn(0)
+    assert got == b"".join(bytes([n]) * 10 for n in range(20))
+    assert len(set(sizes)) <= 2

@@ -6,12 +6,17 @@ import socket
 
 import aiohttp
 
+from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.receive import (
+    MAX_READ_BUFFER_BYTES,
+    MIN_READ_BUFFER_BYTES,
     MIN_RECEIVE_BUFFER_BYTES,
     MIN_SHARE_BYTES,
     SHARE_PARTS,
     UNLIMITED_SHARE_BYTES,
+    BodyFit,
     ReceiveBudget,
+    set_read_limit,
 )
 from tests.origin import Origin
 
@@ -75,3 +80,98 @@ async def test_fit_shrinks_the_receive_buffer_and_gives_it_back(origin: Origin) 
             budget.fit(second, None)
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= before
             await second.read()
+
+
+def _rcvbuf(response: aiohttp.ClientResponse) -> int:
+    assert response.connection is not None and response.connection.transport is not None
+    sock = response.connection.transport.get_extra_info("socket")
+    value: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return value
+
+
+async def test_a_body_follows_its_share_as_others_come_and_go(origin: Origin) -> None:
+    origin.media("/seg.ts", b"\x47" * 8 * MIB)
+    budget = ReceiveBudget(64 * MIB)
+    first = budget.opened()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{origin.url}/seg.ts", read_bufsize=budget.read_bufsize("media")) as raw,
+    ):
+        fit = BodyFit(budget, raw, "media")
+        assert fit.share is None and fit.chunk_limit is None
+        assert raw.content.get_read_buffer_limits()[0] == MAX_READ_BUFFER_BYTES
+        alone = _rcvbuf(raw)
+        # 499 more bodies arrive: at its next chunk read, this one gives up its buffers.
+        others = [budget.opened() for _ in range(499)]
+        assert fit.check()
+        share = 64 * MIB // 500
+        assert fit.share == share and fit.chunk_limit == share // SHARE_PARTS
+        assert raw.content.get_read_buffer_limits() == (
+            share // SHARE_PARTS,
+            2 * share // SHARE_PARTS,
+        )
+        assert _rcvbuf(raw) == 2 * max(share // SHARE_PARTS, MIN_RECEIVE_BUFFER_BYTES)
+        # A few more or fewer change nothing (no setsockopt per request).
+        extra = [budget.opened() for _ in range(100)]
+        assert not fit.check() and fit.share == share
+        for closed in [*others, *extra]:
+            closed()
+        # Alone again: no limit, and its former receive buffer back.
+        assert fit.check()
+        assert fit.share is None and fit.chunk_limit is None
+        assert raw.content.get_read_buffer_limits()[0] == MAX_READ_BUFFER_BYTES
+        assert _rcvbuf(raw) >= alone
+        assert len(await raw.read()) == 8 * MIB
+    first()
+
+
+async def test_the_read_buffer_is_fitted_when_the_headers_are_in(origin: Origin) -> None:
+    # Requested when it was alone (a big read buffer), answered when 500 bodies are counted.
+    origin.media("/seg.ts", b"\x47" * MIB)
+    budget = ReceiveBudget(64 * MIB)
+    closers = [budget.opened()]
+    bufsize = budget.read_bufsize("media")
+    assert bufsize == MAX_READ_BUFFER_BYTES
+    url = f"{origin.url}/seg.ts"
+    async with aiohttp.ClientSession() as session, session.get(url, read_bufsize=bufsize) as raw:
+        closers += [budget.opened() for _ in range(499)]
+        fit = BodyFit(budget, raw, "media")
+        part = 64 * MIB // 500 // SHARE_PARTS
+        assert MIN_READ_BUFFER_BYTES <= part < MAX_READ_BUFFER_BYTES
+        assert raw.content.get_read_buffer_limits() == (part, 2 * part)
+        assert fit.chunk_limit == part
+        fit.limit_chunks(4096)  # under memory pressure: smaller still, while limited
+        assert fit.chunk_limit == 4096
+        assert await raw.read() == b"\x47" * MIB
+    for closed in closers:
+        closed()
+
+
+async def test_set_read_limit_lowers_what_aiohttp_only_raises(origin: Origin) -> None:
+    origin.media("/seg.ts", b"\x47" * 1024)
+    url = f"{origin.url}/seg.ts"
+    async with aiohttp.ClientSession() as session, session.get(url, read_bufsize=MIB) as raw:
+        assert set_read_limit(raw.content, 16 * 1024)
+        assert raw.content.get_read_buffer_limits() == (16 * 1024, 32 * 1024)
+        assert await raw.read() == b"\x47" * 1024
+
+
+async def test_iter_chunks_hands_on_smaller_chunks_once_others_arrive(origin: Origin) -> None:
+    data = bytes(range(256)) * 4 * 1024  # 1 MiB, every byte checked
+    origin.media("/seg.ts", data)
+    budget = ReceiveBudget(64 * MIB)
+    closers = [budget.opened()]
+    async with aiohttp.ClientSession() as session:
+        raw = await session.get(f"{origin.url}/seg.ts", read_bufsize=budget.read_bufsize("media"))
+        fit = BodyFit(budget, raw, "media")
+        response = UpstreamResponse(raw, "u", chunk_limit=fit.chunk_limit, fit=fit)
+        got: list[bytes] = []
+        async for chunk in response.iter_chunks():
+            got.append(chunk)
+            if len(got) == 1:
+                closers += [budget.opened() for _ in range(999)]
+        response.release()
+    assert b"".join(got) == data
+    assert max(len(c) for c in got[1:]) <= 64 * MIB // 1000 // SHARE_PARTS
+    for closed in closers:
+        closed()
