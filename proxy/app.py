@@ -25,6 +25,7 @@ from proxy.live.session import remove_stale_dirs
 from proxy.metrics import Metrics, build_labels, sample_loop_lag
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
+from proxy.turns import TurnBudget
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.guard import DestinationGuard, GuardedResolver
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
@@ -43,6 +44,7 @@ from proxy.web.keys import (
     PROXY_POOL,
     READY,
     RELAY,
+    REQUEST_TURNS,
     SETTINGS,
     UPSTREAM,
 )
@@ -60,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.build_info.info(build_labels(__version__))
     app[METRICS] = metrics
+    app[REQUEST_TURNS] = TurnBudget(settings.server.requests_per_turn)
     app[FAST_HITS] = FastHits(
         metrics, settings.security.cors_origins, settings.server.fast_hits_bytes
     )

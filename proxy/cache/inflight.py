@@ -21,8 +21,11 @@ has it, not after the whole body; a late joiner first gets what has arrived so f
 The pump never waits for readers before spilling: a slow viewer slows only itself.
 
 All pumps together take at most ``turn_chunks`` chunks per turn of the event loop
-(:class:`PumpTurn`); past it they wait for the next turn, so hundreds of bodies relayed at once
-never hold up every other request for the length of one chunk each.
+(:class:`~proxy.turns.TurnBudget`); past it they wait for the next turn, so hundreds of bodies
+relayed at once never hold up every other request for the length of one chunk each: with
+viewers whose socket buffers take all they are given, one turn relayed a chunk for each of 500
+bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). 64 fast downloads take
+at most ~90 chunks a turn, big ones, and are never held back.
 
 A crowd waiting for a body's first byte is let go by the pump itself: each waiting reader may
 hand it a *first write* (:meth:`BodyReader.first_bytes`), and the pump runs all of them in one
@@ -43,6 +46,7 @@ from typing import Any, Protocol
 
 from proxy.cache.tasks import BackgroundTasks
 from proxy.errors import HlsRelayError, UpstreamUnreachable
+from proxy.turns import TurnBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,50 +109,6 @@ class _Meter:
 
     def __init__(self) -> None:
         self.held = 0
-
-
-class PumpTurn:
-    """How many chunks all pumps together may take in one turn of the event loop.
-
-    Every pump that has a chunk wakes in the same turn: with hundreds of bodies, and viewers
-    whose socket buffers take all they are given, one turn relayed a chunk for each of them
-    (500 chunks of 16 KiB, 60-85 ms of one core in bench_peers' memory case) and every other
-    request waited that long. Past ``chunks`` in a turn, a pump waits for the next turn, and
-    the loop runs its timers and other requests in between. Counted in chunks, not time: it is
-    the count that grows with the bodies relayed at once (64 fast downloads take at most ~90 a
-    turn, big ones, and are never cut), and a count does not mistake a busy machine for work.
-    0: no limit.
-    """
-
-    __slots__ = ("_chunks", "_new_turn", "_next", "_taken")
-
-    def __init__(self, chunks: int) -> None:
-        self._chunks = chunks
-        self._taken = 0
-        self._next = asyncio.Event()
-        self._new_turn: asyncio.Handle | None = None
-
-    def take(self) -> bool:
-        """Count a chunk taken now; True when this turn's chunks are all taken (then wait for
-        :meth:`next` before taking another)."""
-        if not self._chunks:
-            return False
-        if self._new_turn is None:
-            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
-            self._new_turn = asyncio.get_running_loop().call_soon(self._end)
-        self._taken += 1
-        return self._taken >= self._chunks
-
-    async def next(self) -> None:
-        """Wait for a turn with chunks left."""
-        while self._chunks and self._taken >= self._chunks:
-            await self._next.wait()
-
-    def _end(self) -> None:
-        self._taken = 0
-        self._new_turn = None
-        done, self._next = self._next, asyncio.Event()
-        done.set()
 
 
 class SharedBody:
@@ -386,7 +346,7 @@ class SharedBodies:
         self._pressure_window = max(1, min(pressure_window_bytes or window_bytes, window_bytes))
         self._meter = _Meter()
         self._bodies: dict[str, SharedBody] = {}
-        self._turn = PumpTurn(turn_chunks)
+        self._turn = TurnBudget(turn_chunks)
 
     @property
     def held(self) -> int:

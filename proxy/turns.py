@@ -1,0 +1,55 @@
+"""A budget of work items per turn of the event loop, shared by everyone who takes from it.
+
+Everything ready in one turn of the loop runs before the loop looks at its timers and sockets
+again. When hundreds of tasks become ready together (a crowd's requests arriving, the bodies of
+hundreds of downloads each with a chunk), one turn runs all of them and every other request
+waits that long. A :class:`TurnBudget` lets ``per_turn`` of them go on in a turn; the others
+wait for a later turn, and the loop runs its timers and other work in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class TurnBudget:
+    """At most ``per_turn`` items taken per event-loop turn, all takers together; 0: no limit.
+
+    Counted in items, not time: the count is what grows with the work that became ready at
+    once, and a count does not mistake a busy machine (the process waiting for its core) for
+    work of its own.
+    """
+
+    __slots__ = ("_new_turn", "_next", "_per_turn", "_taken")
+
+    def __init__(self, per_turn: int) -> None:
+        self._per_turn = per_turn
+        self._taken = 0
+        self._next = asyncio.Event()
+        self._new_turn: asyncio.Handle | None = None
+
+    def take(self) -> bool:
+        """Count an item taken now; True when this turn's items are all taken (then wait for
+        :meth:`next` before taking another)."""
+        if not self._per_turn:
+            return False
+        if self._new_turn is None:
+            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
+            self._new_turn = asyncio.get_running_loop().call_soon(self._end)
+        self._taken += 1
+        return self._taken >= self._per_turn
+
+    def exhausted(self) -> bool:
+        """This turn's items are all taken."""
+        return bool(self._per_turn) and self._taken >= self._per_turn
+
+    async def next(self) -> None:
+        """Wait for a turn with items left."""
+        while self._per_turn and self._taken >= self._per_turn:
+            await self._next.wait()
+
+    def _end(self) -> None:
+        self._taken = 0
+        self._new_turn = None
+        done, self._next = self._next, asyncio.Event()
+        done.set()

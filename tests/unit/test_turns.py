@@ -1,0 +1,64 @@
+"""TurnBudget: at most N takers go on per event-loop turn; the others in later turns, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from proxy.turns import TurnBudget
+from proxy.web.keys import RELAY
+from tests.conftest import ProxyFactory
+from tests.origin import Origin
+
+
+async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
+    turn = 0
+
+    def tick() -> None:
+        nonlocal turn
+        turn += 1
+        loop.call_soon(tick)
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(tick)
+    budget = TurnBudget(per_turn)
+    started: Counter[int] = Counter()
+
+    async def taker() -> None:
+        if budget.exhausted():
+            await budget.next()
+        budget.take()
+        started[turn] += 1
+
+    await asyncio.gather(*(taker() for _ in range(takers)))
+    return started
+
+
+@pytest.mark.parametrize(("per_turn", "takers"), [(2, 7), (3, 3), (1, 4)])
+async def test_at_most_per_turn_takers_go_on_in_one_turn(per_turn: int, takers: int) -> None:
+    started = await _starts_by_turn(per_turn, takers)
+    assert sum(started.values()) == takers  # nobody is left waiting
+    assert max(started.values()) <= per_turn
+    assert len(started) >= -(-takers // per_turn)  # spread over that many turns at least
+
+
+async def test_no_limit_lets_everyone_go_on_in_the_same_turn() -> None:
+    started = await _starts_by_turn(0, 50)
+    assert list(started.values()) == [50]
+
+
+async def test_a_crowd_of_requests_held_to_two_a_turn_is_all_answered(
+    origin: Origin, proxy_factory: ProxyFactory
+) -> None:
+    origin.playlist("/p.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4,\na.ts\n")
+    client = await proxy_factory(server={"requests_per_turn": 2})
+    paths = [client.app[RELAY].mint(f"{origin.url}/p.m3u8?n={n}", {}) for n in range(20)]
+
+    async def get(path: str) -> int:
+        async with client.get(path) as response:
+            await response.read()
+            return response.status
+
+    assert await asyncio.gather(*(get(p) for p in paths)) == [200] * 20
