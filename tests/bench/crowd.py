@@ -124,6 +124,7 @@ class Probe:
             return
         except OSError:
             data, ancillary = b"", []
+        self._crowd.progress = time.monotonic()
         if not data:
             self._finish()
             return
@@ -161,6 +162,10 @@ class Probe:
             self._loop.add_reader(self._sock.fileno(), self._readable)
             self._reading = True
 
+    def stop(self) -> None:
+        """Give up on this body (noted "incomplete" unless it was whole)."""
+        self._finish()
+
     def _finish(self) -> None:
         if not self.done.done():
             complete = self._length is not None and self._received >= max(self._length, 0)
@@ -174,6 +179,8 @@ class Crowd:
         self._size = size
         self._waiting: list[Probe] = []
         self.all_arrived = asyncio.Event()
+        self.progress = time.monotonic()
+        """When a byte last arrived for any client of the crowd."""
 
     def arrived(self, probe: Probe) -> None:
         self._waiting.append(probe)
@@ -214,6 +221,24 @@ class CrowdResult:
     """Seconds from the first request sent to the last."""
 
 
+BODY_STALL_S = 60.0
+"""The crowd's bodies are given up (noted "incomplete") after this long with no byte for any."""
+
+
+async def _bodies(crowd: Crowd, probes: list[Probe]) -> list[str]:
+    """Every client's digest once its body is in; a slow proxy gets all the time it needs while
+    bytes keep coming (a fixed limit would fail a slow but working one), a stuck one does not."""
+    every = asyncio.gather(*(p.done for p in probes))
+    while True:
+        try:
+            return list(await asyncio.wait_for(asyncio.shield(every), 1.0))
+        except TimeoutError:
+            if time.monotonic() - crowd.progress > BODY_STALL_S:
+                for probe in probes:
+                    probe.stop()
+                return list(await every)
+
+
 async def crowd_get(
     url: str,
     size: int,
@@ -245,7 +270,7 @@ async def crowd_get(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(crowd.all_arrived.wait(), 30)
     crowd.release()
-    digests = await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), 120)
+    digests = await _bodies(crowd, probes)
     firsts = [p.first_body_byte - t0 for p in probes if p.first_body_byte is not None]
     ref_first = None
     if ref_probe is not None:
