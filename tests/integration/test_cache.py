@@ -740,9 +740,7 @@ async def test_a_crowds_slices_shrink_with_the_number_of_viewers(
     last_write = {viewer: index for index, (viewer, _) in enumerate(writes)}
     first_gone = min(last_write.values())
     sizes = [size for _, size in writes[viewers:first_gone]]  # after the first bytes
-    expected = max(
-        streams.FIRST_WRITE_BYTES, min(streams.WRITE_SLICE_BYTES, turn // viewers)
-    )
+    expected = max(streams.FIRST_WRITE_BYTES, min(streams.WRITE_SLICE_BYTES, turn // viewers))
     assert sizes and max(sizes) == expected  # upstream chunk ends may cut one shorter
 
 
