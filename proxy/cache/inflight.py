@@ -27,12 +27,14 @@ viewers whose socket buffers take all they are given, one turn relayed a chunk f
 bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). 64 fast downloads take
 at most ~90 chunks a turn, big ones, and are never held back.
 
-A crowd waiting for a body's first byte is let go by the pump itself: each waiting reader may
-hand it a *first write* (:meth:`BodyReader.first_bytes`), and the pump runs all of them in one
-loop when the first chunk arrives, instead of waking every reader's task to write its own. The
-readers then follow at their own pace. A first write must not wait for anything (a write into an
-empty socket buffer); one that does is closed and that reader alone gets
-:class:`FirstWriteWaited`.
+A crowd waiting for a body is let go by the pump itself: each waiting reader may hand it a
+*first answer* (:meth:`BodyReader.first_bytes`): a *prepare*, run when the upstream headers
+arrive (its viewer's response headers, made ready), and a *first write*, run when the first chunk
+arrives. The pump runs every waiting reader's in one loop, instead of waking every reader's task
+(hundreds of task turns between the upstream's first byte and the crowd's). The readers then
+follow at their own pace. These steps are run in the pump's turn and are expected not to wait
+(headers into a buffer, a write into an empty socket buffer); one that does wait is finished by
+its own reader's task, not dropped.
 
 This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`.
 """
@@ -40,9 +42,10 @@ This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.cache.tasks import BackgroundTasks
 from proxy.errors import HlsRelayError, UpstreamUnreachable
@@ -85,21 +88,66 @@ Opener = Callable[[], Awaitable[BodySource]]
 OnComplete = Callable[[BodyHead, bytes], Awaitable[None]]
 FirstWrite = Callable[[memoryview], Coroutine[Any, Any, int]]
 """Writes a reader's first bytes from the body's first chunk; returns how many it took."""
+Prepare = Callable[[BodyHead], Coroutine[Any, Any, None]]
+"""Makes a reader's answer ready from the upstream's head (nothing written yet)."""
+
+T = TypeVar("T")
 
 
-class FirstWriteWaited(RuntimeError):
-    """A first write waited for something; it was closed there (its reader must be cut off)."""
+class _Rest(Generic[T]):
+    """What is left of a step the pump began for a reader and that waited for something.
+
+    The pump cannot wait for one reader, and dropping the step would leave its viewer with half
+    an answer: the reader's own task awaits this instead, which goes on with the step exactly
+    where it stopped (the future it waited on included).
+    """
+
+    __slots__ = ("_step", "_waiting_on")
+
+    def __init__(self, step: Coroutine[Any, Any, T], waiting_on: Any) -> None:
+        self._step = step
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        step, waiting_on = self._step, self._waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except GeneratorExit:
+                step.close()
+                raise
+            except BaseException as exc:  # thrown into the awaiting task: the step gets it
+                try:
+                    waiting_on = step.throw(exc)
+                except StopIteration as done:
+                    result: T = done.value
+                    return result
+            else:
+                try:
+                    waiting_on = step.send(sent)
+                except StopIteration as done:
+                    result = done.value
+                    return result
 
 
-def _run_now(write: Coroutine[Any, Any, int]) -> int:
-    """Run ``write`` to its end now, in the pump's turn; it must not wait for anything."""
+def _run_now(step: Coroutine[Any, Any, T], context: contextvars.Context) -> T | _Rest[T]:
+    """Run ``step`` now, in the pump's turn, in its reader's context; what is left if it waits."""
     try:
-        write.send(None)
+        waiting_on = context.run(step.send, None)
     except StopIteration as done:
-        taken: int = done.value
-        return taken
-    write.close()
-    raise FirstWriteWaited("a first write waited for something")
+        result: T = done.value
+        return result
+    return _Rest(step, waiting_on)
+
+
+@dataclass(slots=True)
+class _FirstAnswer:
+    """A reader's steps for the pump to run, and the future its task waits on meanwhile."""
+
+    prepare: Prepare | None
+    write: FirstWrite
+    future: asyncio.Future[int | _Rest[Any]]
+    context: contextvars.Context
 
 
 class _Meter:
@@ -131,9 +179,8 @@ class SharedBody:
         self._head_ready = asyncio.Event()
         self._head: BodyHead | None = None
         self._head_waiters = 0
-        # Readers waiting for the first chunk with a write for the pump to run: reader -> (the
-        # write, the future its task waits on).
-        self._first_writes: dict[BodyReader, tuple[FirstWrite, asyncio.Future[int]]] = {}
+        # Readers waiting for the first chunk with steps for the pump to run.
+        self._first_writes: dict[BodyReader, _FirstAnswer] = {}
         self.done = False
         self.error: HlsRelayError | None = None
         self.spilled = False
@@ -165,15 +212,35 @@ class SharedBody:
             raise self.error
         return self._head
 
-    async def _first_write(self, reader: BodyReader, write: FirstWrite) -> int:
-        if self._chunks or self._first or self.done or self.error is not None:
-            return 0  # bytes are there (or never will be): the reader writes them itself
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._first_writes[reader] = (write, future)
+    def _bytes_or_end(self) -> bool:
+        return bool(self._chunks or self._first or self.done or self.error is not None)
+
+    async def _first_write(
+        self, reader: BodyReader, write: FirstWrite, prepare: Prepare | None
+    ) -> int:
+        if self._bytes_or_end():
+            return 0  # bytes are there (or never will be): the reader answers itself
+        if prepare is not None and self._head is not None:
+            await prepare(self._head)  # the head is in: this reader's own task prepares
+            prepare = None
+            if self._bytes_or_end():
+                return 0
+        future: asyncio.Future[int | _Rest[Any]] = asyncio.get_running_loop().create_future()
+        self._first_writes[reader] = _FirstAnswer(
+            prepare, write, future, contextvars.copy_context()
+        )
         try:
-            return await future
+            taken = await future
         finally:
             self._first_writes.pop(reader, None)
+        if isinstance(taken, _Rest):
+            # A step that waited in the pump's turn: finished here, in the reader's own task.
+            rest = await taken
+            if not isinstance(rest, int):
+                return 0  # the prepare's rest: the reader writes its first bytes itself
+            reader._skip = min(max(rest, 0), len(self._chunks[0]) if self._chunks else 0)
+            return reader._skip
+        return taken
 
     async def _next(self, reader: BodyReader) -> bytes | None:
         while True:
@@ -213,6 +280,25 @@ class SharedBody:
         if self._head is None and self.error is None:
             self._head = head
             self._head_ready.set()
+            if self._first_writes:
+                self._prepare_firsts(head)
+
+    def _prepare_firsts(self, head: BodyHead) -> None:
+        """Run the prepare of every reader waiting with one, now that the head is in."""
+        for reader, answer in list(self._first_writes.items()):
+            prepare, answer.prepare = answer.prepare, None
+            if prepare is None or answer.future.done():
+                continue
+            try:
+                rest = _run_now(prepare(head), answer.context)
+            except Exception as exc:
+                # That reader's own failure: raised in its own task.
+                del self._first_writes[reader]
+                answer.future.set_exception(exc)
+                continue
+            if isinstance(rest, _Rest):
+                del self._first_writes[reader]  # its task finishes it, then writes itself
+                answer.future.set_result(rest)
 
     def _wake(self) -> None:
         more, self._more = self._more, asyncio.Event()
@@ -231,29 +317,41 @@ class SharedBody:
         """Run the first write of every reader waiting for this, the body's first chunk."""
         writes, self._first_writes = self._first_writes, {}
         view = memoryview(chunk)
-        for reader, (write, future) in writes.items():
+        for reader, answer in writes.items():
+            future = answer.future
             if future.done() or self._readers.get(reader) != 0:
                 continue  # it left, or its task was cancelled: nothing to write to
+            if answer.prepare is not None:
+                future.set_result(0)  # never prepared (no head came first): it answers itself
+                continue
             try:
-                taken = _run_now(write(view))
+                taken = _run_now(answer.write(view), answer.context)
             except Exception as exc:
                 # That reader's own failure (its viewer left, say): raised in its own task.
                 future.set_exception(exc)
+                continue
+            if isinstance(taken, _Rest):
+                future.set_result(taken)
                 continue
             reader._skip = min(max(taken, 0), len(chunk))
             future.set_result(reader._skip)
 
     def _finish(self) -> None:
         self.done = True
+        # No first chunk came (an empty body): the readers waiting for one answer themselves.
+        writes, self._first_writes = self._first_writes, {}
+        for answer in writes.values():
+            if not answer.future.done():
+                answer.future.set_result(0)
         self._wake()
 
     def _fail(self, error: HlsRelayError) -> None:
         self.error = error
         self._head_ready.set()
         writes, self._first_writes = self._first_writes, {}
-        for _, future in writes.values():
-            if not future.done():
-                future.set_exception(error)
+        for answer in writes.values():
+            if not answer.future.done():
+                answer.future.set_exception(error)
         self._wake()
 
     def body(self) -> bytes:
@@ -288,15 +386,16 @@ class BodyReader:
     async def head(self) -> BodyHead:
         return await self._body.head()
 
-    async def first_bytes(self, write: FirstWrite) -> int:
-        """Have the pump run ``write`` on the body's first chunk the moment it arrives.
+    async def first_bytes(self, write: FirstWrite, *, prepare: Prepare | None = None) -> int:
+        """Have the pump run ``prepare`` on the upstream's head the moment it arrives (at once,
+        in this task, if it is in already), then ``write`` on the body's first chunk.
 
         Returns how many bytes ``write`` took; iterating then goes on with the rest of that
-        chunk. Returns 0 without running it when bytes are already there (a late joiner), or
-        never will be: the reader then writes them itself. Raises the body's error, or
-        :class:`FirstWriteWaited`, or whatever ``write`` raised.
+        chunk. Returns 0 without running ``write`` when bytes are already there (a late joiner),
+        or never will be: the reader then writes them itself (``prepare`` has run if the head
+        came). Raises the body's error, or whatever ``prepare`` or ``write`` raised.
         """
-        return await self._body._first_write(self, write)
+        return await self._body._first_write(self, write, prepare)
 
     @property
     def shared(self) -> bool:
@@ -497,9 +596,9 @@ __all__ = [
     "BodyReader",
     "BodySource",
     "FirstWrite",
-    "FirstWriteWaited",
     "OnComplete",
     "Opener",
+    "Prepare",
     "SharedBodies",
     "SharedBody",
 ]

@@ -98,10 +98,10 @@ class MediaStream:
 
 @dataclass(frozen=True, slots=True)
 class SharedMedia:
-    """A reader of an upstream body shared with other viewers (headers ready, bytes arriving)."""
+    """A reader of an upstream body shared with other viewers (its head may not be in yet:
+    ``reader.head()``, or a prepare handed to ``reader.first_bytes``)."""
 
     reader: BodyReader
-    head: BodyHead
     kind: UriKind
 
 
@@ -553,12 +553,9 @@ class StreamRelay:
                 self._media_opener(ctx, ref.url, ref.kind, ctx_token),
                 self._media_storer(key, ttl) if ttl > 0 else None,
             )
-        try:
-            head = await reader.head()
-        except BaseException:
-            reader.close()
-            raise
-        return SharedMedia(reader, head, ref.kind)
+        # Not waiting for the head here: a crowd's answers are prepared by the pump when it
+        # comes, without waking each viewer's task (proxy.cache.inflight).
+        return SharedMedia(reader, ref.kind)
 
     async def _stored_range(
         self, ctx_token: str, ref: StreamRef, viewer_headers: Mapping[str, str]

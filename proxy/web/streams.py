@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.cache.inflight import FirstWriteWaited
+from proxy.cache.inflight import BodyHead
 from proxy.cache.store import CachedObject
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, media_freshness, not_found_freshness
@@ -64,15 +64,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             viewer_headers=request.headers,
         )
     except UpstreamStatus as exc:
-        if exc.status in (404, 410):
-            # Maybe a live segment that is not there yet: edges may keep the answer a second.
-            return json_error(
-                exc.status,
-                exc.code,
-                exc.message,
-                {"Cache-Control": not_found_freshness().cache_control},
-            )
-        raise
+        return _status_error(exc)
     if isinstance(result, RewrittenPlaylist):
         if result.result in ("miss", "uncached"):  # hits and followers reuse one rewrite
             request.app[METRICS].playlists_rewritten.inc()
@@ -99,8 +91,23 @@ async def stream(request: web.Request) -> web.StreamResponse:
             request.app[METRICS].relayed(result.kind.name.lower()).inc(sent)
         return response
     if isinstance(result, SharedMedia):
-        return await _relay_shared(request, result)
+        try:
+            return await _relay_shared(request, result)
+        except UpstreamStatus as exc:  # the shared upstream answered so (nothing sent yet)
+            return _status_error(exc)
     return await _relay_media(request, result, relay.limits)
+
+
+def _status_error(exc: UpstreamStatus) -> web.Response:
+    if exc.status in (404, 410):
+        # Maybe a live segment that is not there yet: edges may keep the answer a second.
+        return json_error(
+            exc.status,
+            exc.code,
+            exc.message,
+            {"Cache-Control": not_found_freshness().cache_control},
+        )
+    raise exc
 
 
 # -- answers from a stored (or just stored) entry ------------------------------------------------
@@ -200,19 +207,34 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     bulk, and nobody holds the loop while it copies a whole body into its socket.
     """
     reader = media.reader
-    response = _HeadersWithFirstBytes(status=media.head.status, headers=media.head.headers)
+    prepared: web.StreamResponse | None = None
     sent = 0
+
+    async def prepare(head: BodyHead) -> None:
+        # Run by the pump with every other waiter's, the moment the upstream headers arrive (or
+        # here, by a viewer who came after them): no task woken per viewer, and when the first
+        # bytes come only the writes are left.
+        nonlocal prepared
+        answer = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
+        await answer.prepare(request)
+        prepared = answer
 
     async def first_bytes(view: memoryview) -> int:
         # Run by the pump with every other waiter's, the moment the first chunk arrives: these
         # headers and first bytes go out in one loop, no task woken per viewer until all have.
+        assert prepared is not None
         piece = view[:FIRST_WRITE_BYTES]
-        await response.write(piece)
+        await prepared.write(piece)
         return len(piece)
 
     try:
-        await response.prepare(request)
-        sent = await reader.first_bytes(first_bytes)
+        sent = await reader.first_bytes(first_bytes, prepare=prepare)
+        if prepared is None:
+            # A viewer who found bytes there already (or the body over): its own answer. The
+            # upstream's error, if the head never came, is raised here, before any byte.
+            await prepare(await reader.head())
+        response = prepared
+        assert response is not None
         async for chunk in reader:
             view = memoryview(chunk)
             while view:
@@ -233,11 +255,10 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
                 # stall of seconds for everyone else on the loop (health checks, new requests).
                 await asyncio.sleep(0)
     except UpstreamError as exc:
+        if prepared is None:
+            raise  # nothing prepared, nothing sent: the viewer gets the error as an answer
         _cut(request, sent, exc.message)
-        return response
-    except FirstWriteWaited as exc:
-        _cut(request, sent, str(exc))  # bytes may be half out: no answer can follow them
-        return response
+        return prepared
     finally:
         reader.close()
         request.app[METRICS].relayed(media.kind.name.lower()).inc(sent)

@@ -2,7 +2,8 @@
 
 1. **A crowd on one uncached segment.** 500 clients (raw HTTP/1.1 on connections opened
    beforehand) ask at once for one 2 MiB segment whose origin waits 0.5 s before answering, then
-   sends it at about 1 Gbit/s. Counted: upstream requests for it (at the origin), whether every
+   sends it at about 1 Gbit/s (``tests/bench/crowd.py``, the same origin and client as
+   bench_peers' case 6). Counted: upstream requests for it (at the origin), whether every
    client got the exact bytes (SHA-256), the waiters' time to first body byte (p50, p99) next to
    the origin's own time to first byte (alone, and for a request sent along with the crowd).
    Once more with an origin that sends its headers at once and its bytes after 0.5 s (a segment
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -56,16 +58,13 @@ from tests.bench.bench_core import (
     machine,
     started,
 )
-from tests.bench.crowd import crowd_get
+from tests.bench.crowd import ORIGIN_DELAY_S, crowd_get, slow_answer
 from tests.services import nginx_edge
 
 T = TypeVar("T")
 BENCH_SECRET = "bench-cache-secret-0123456789abcdef"
 REFERER = "https://player.example.com/"
 SEGMENT_BYTES = 2 * 1024 * 1024
-ORIGIN_DELAY_S = 0.5
-ORIGIN_CHUNK_BYTES = 64 * 1024
-ORIGIN_CHUNK_PAUSE_S = 0.0005  # 64 KiB per 0.5 ms: about 1 Gbit/s
 CROWD = 500
 VIEWERS = 200
 POLL_INTERVAL_S = 0.5
@@ -78,8 +77,17 @@ WRK_SECONDS = 5
 WRK_CONNECTIONS = 64
 
 
+@functools.cache
+def _random_segment() -> bytes:
+    return random.Random(0).randbytes(SEGMENT_BYTES)
+
+
 def _segment(number: int) -> bytes:
-    return random.Random(number).randbytes(SEGMENT_BYTES)
+    """Segment ``number``'s bytes: its number, then random bytes made once per process. Making
+    2 MiB of random bytes takes ~11 ms: done per request, the origin did it on its one loop in
+    front of the next request (the proxy's upstream request, behind the reference's), so the
+    proxy's answer started ~11 ms after the reference's."""
+    return number.to_bytes(8, "big") + _random_segment()[8:]
 
 
 # -- the origin (its own process) ----------------------------------------------------------------
@@ -91,6 +99,7 @@ def _serve_origin(port: int, poll_target: int) -> None:
     counts: dict[str, int] = {}
     started_at = time.time()
     segments: dict[str, bytes] = {}
+    _random_segment()  # made now, not on a timed request's path
 
     def count(request: web.Request) -> None:
         counts[request.path] = counts.get(request.path, 0) + 1
@@ -99,23 +108,8 @@ def _serve_origin(port: int, poll_target: int) -> None:
         count(request)
         number = int(request.match_info["n"])
         data = segments.get(request.path) or segments.setdefault(request.path, _segment(number))
-        response = web.StreamResponse(
-            headers={"Content-Type": "video/mp2t", "Content-Length": str(len(data))}
-        )
-        if request.path.startswith("/early/"):
-            # A segment still being made: its headers go at once, its bytes when they exist.
-            await response.prepare(request)
-            await asyncio.sleep(ORIGIN_DELAY_S)
-        else:
-            await asyncio.sleep(ORIGIN_DELAY_S)
-            await response.prepare(request)
-        # At about 1 Gbit/s, like an origin across a network: a loopback origin pushing 2 MiB at
-        # once would spend the clients' core on the copy, right when first bytes are timed.
-        for start in range(0, len(data), ORIGIN_CHUNK_BYTES):
-            await response.write(data[start : start + ORIGIN_CHUNK_BYTES])
-            await asyncio.sleep(ORIGIN_CHUNK_PAUSE_S)
-        await response.write_eof()
-        return response
+        # "/early/": a segment still being made, its headers at once, its bytes when they exist.
+        return await slow_answer(request, data, headers_first=request.path.startswith("/early/"))
 
     def playlist(target: int, first: int) -> str:
         lines = [
@@ -432,7 +426,8 @@ def render(figures: Figures, rounds: int, full: bool, command: str) -> str:
         *crowd_rows("nginx (proxy_cache_lock) → hlsrelay", figures.crowd_nginx),
         "",
         "TTFB = time to the first body byte, from the instant the requests are sent on open "
-        "connections. The origin answers after 0.5 s (headers and first bytes together), or, "
+        "connections. The origin answers after 0.5 s (headers and first bytes together; then "
+        "the rest at about 1 Gbit/s, the origin bench_peers case 6 uses too), or, "
         "in the second row, sends its headers at once and its first bytes after 0.5 s (a "
         "segment still being made). *Origin TTFB with the crowd*: a request for another "
         "segment sent straight to the origin right after the crowd's first request, timed from "

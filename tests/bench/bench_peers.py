@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import select
 import shlex
 import shutil
 import socket
@@ -66,7 +67,7 @@ from yarl import URL
 from proxy.hls.kinds import UriKind
 from proxy.tokens import TokenCodec
 from tests.bench.bench_core import REPO, SHIPPED_CONFIG, Spread, _free_port, machine
-from tests.bench.crowd import crowd_get
+from tests.bench.crowd import crowd_get, slow_answer
 from tests.procs import stop
 
 COMMAND = "python -m tests.bench.bench_peers"
@@ -82,7 +83,6 @@ SMALL_BYTES = 1024
 LIVE_SEGMENTS = 6
 VOD_SEGMENTS = 3000
 CROWD = 500
-SLOW_ORIGIN_DELAY_S = 0.5
 STREAMS = 500
 STREAM_READ_BYTES = 8 * 1024
 STREAM_READ_EVERY_S = 0.05  # 160 KiB/s per viewer: a player on a slow link
@@ -321,7 +321,9 @@ def nginx_args(prefix: Path, conf: Path) -> list[str]:
 
 
 def _serve_slow_origin(port: int, big_path: str) -> None:
-    """Answers any ``/slow/...`` after SLOW_ORIGIN_DELAY_S with the 2 MiB file; counts requests."""
+    """Answers any ``/slow/...`` with the 2 MiB file after ORIGIN_DELAY_S, then at about
+    1 Gbit/s (tests/bench/crowd.py: the origin bench_cache's crowd waits for too, and every
+    contestant's here); counts requests."""
     from aiohttp import web
 
     body = Path(big_path).read_bytes()
@@ -337,8 +339,7 @@ def _serve_slow_origin(port: int, big_path: str) -> None:
         counts[request.path] = counts.get(request.path, 0) + 1
         if request.headers.get("Referer") != REFERER:
             return web.Response(status=403)
-        await asyncio.sleep(SLOW_ORIGIN_DELAY_S)
-        return web.Response(body=body, content_type="video/mp2t")
+        return await slow_answer(request, body)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -684,7 +685,10 @@ class LagProbe:
     """GET a health route every LAG_PROBE_EVERY_S on its own keep-alive connection.
 
     Runs as its own process (``python -m tests.bench.bench_peers probe URL PATH``) so the
-    clients of this process never hold it up; its answers are read when it is stopped.
+    clients of this process never hold it up; its answers are read when it is stopped. Entering
+    waits until it has its first answer: its start (about 0.6 s of CPU importing this module)
+    must not overlap what is timed on the load core it shares with the clients and the origins
+    (it did in case 6, delaying the origin's answers by a few ms to tens of ms at random).
     """
 
     def __init__(self, base: str, path: str = "/healthz") -> None:
@@ -700,6 +704,10 @@ class LagProbe:
             self._args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], START_TIMEOUT_S)
+        if ready:
+            self._proc.stdout.readline()  # "ready" (or nothing, if it died: figures say so)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -722,7 +730,12 @@ def _probe(base: str, path: str) -> None:
     url = urlsplit(base)
     samples: list[float] = []
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    announced = False
     while not stop.is_set():
+        if not announced:  # started: what runs next is timed (LagProbe.__enter__ waits for it)
+            sys.stdout.write("ready\n")
+            sys.stdout.flush()
+            announced = True
         began = time.perf_counter()
         try:
             conn.request("GET", path)
@@ -995,19 +1008,24 @@ class Crowd:
     sent."""
     origin_ms: float
     """The origin's own first body byte for a request sent with the crowd, from the same instant."""
+    alone_ms: float
+    """The origin's first body byte for a lone request just before (no crowd being sent)."""
     wrong: int
     ramp_ms: float
     """From the first request sent to the last."""
 
 
-async def _crowd(url: str, expected: bytes, size: int, origin_url: str) -> Crowd:
+async def _crowd(url: str, expected: bytes, size: int, origin_url: str, alone_url: str) -> Crowd:
     """``size`` clients ask for ``url`` at once on open connections (tests/bench/crowd.py).
 
     Times are the kernel's receive timestamps of each first body byte, counted from the first
     request on the wire, so neither this client's work on 500 connections nor its handshakes are
     charged to the proxy. ``origin_url`` (a fresh segment) goes straight to the origin right
     after the crowd's first request: the origin's time to first byte at that same moment.
+    ``alone_url`` (another) goes to the origin alone just before: the difference is what the
+    client sending 500 requests on the core it shares with the origin costs the origin.
     """
+    alone = await crowd_get(alone_url, 1, headers={"Referer": REFERER})
     result = await crowd_get(url, size, origin_url, {"Referer": REFERER})
     digest = hashlib.sha256(expected).hexdigest()
     wrong = sum(found != digest for found in result.digests)
@@ -1017,6 +1035,7 @@ async def _crowd(url: str, expected: bytes, size: int, origin_url: str) -> Crowd
     return Crowd(
         [first * 1000 for first in result.firsts],
         result.reference * 1000,
+        alone.firsts[0] * 1000 if alone.firsts else math.nan,
         wrong,
         result.ramp * 1000,
     )
@@ -1032,15 +1051,18 @@ def run_coalescing(bench: Bench) -> Case:
     case = Case(
         6,
         f"coalescing: {CROWD} concurrent requests for one uncached 2 MiB segment on open "
-        "connections (first body bytes by the kernel's receive timestamps, from the first "
+        "connections; the origin answers after 0.5 s, then sends at about 1 Gbit/s "
+        "(first body bytes by the kernel's receive timestamps, from the first "
         "request on the wire; origin TTFB: a request sent straight to the origin with the "
-        "crowd; client ramp: first to last request sent)",
+        "crowd; alone: one sent just before, with no crowd on the clients' core; "
+        "client ramp: first to last request sent)",
         "",
         [
             ("upstream", "upstream requests", 0),
             ("p50_ms", "waiter TTFB p50", 0),
             ("p99_ms", "waiter TTFB p99", 0),
             ("origin_ms", "origin TTFB", 0),
+            ("alone_ms", "origin TTFB alone", 0),
             ("excess_ms", "p99 - origin", 0),
             ("ramp_ms", "client ramp", 0),
         ],
@@ -1077,6 +1099,7 @@ def run_coalescing(bench: Bench) -> Case:
                         bench.files.big,
                         CROWD,
                         bench.urls.take(1, "slow")[0],
+                        bench.urls.take(1, "slow")[0],
                     )
                 )
             if crowd.wrong:
@@ -1090,6 +1113,7 @@ def run_coalescing(bench: Bench) -> Case:
                     "p50_ms": statistics.median(crowd.ttfb_ms),
                     "p99_ms": p99,
                     "origin_ms": crowd.origin_ms,
+                    "alone_ms": crowd.alone_ms,
                     "excess_ms": p99 - crowd.origin_ms,
                     "ramp_ms": crowd.ramp_ms,
                     **probe.figures(),

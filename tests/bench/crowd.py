@@ -1,6 +1,10 @@
-"""A crowd of raw HTTP/1.1 clients that times first body bytes by the kernel's clock.
+"""A crowd of raw HTTP/1.1 clients that times first body bytes by the kernel's clock, and the
+slow origin it waits for.
 
-Used by bench_cache (issue 4's crowd figure) and bench_peers (case 6). Each client is a plain
+Used by bench_cache (issue 4's crowd figure) and bench_peers (case 6), so the two measure the
+same thing the same way: the same client, the same origin model (:func:`slow_answer`), and the
+same reference (:func:`crowd_get`'s ``reference``: a request sent straight to the origin at the
+crowd's moment). Each client is a plain
 non-blocking socket with SO_TIMESTAMPNS: the time of its first body byte is when the kernel
 received it, not when this one-core Python client got round to reading it, so 500 connections
 answering within a few ms of each other are timed as they arrived. Connections are opened before
@@ -19,7 +23,62 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from aiohttp import web
 from yarl import URL
+
+# -- the slow origin ----------------------------------------------------------------------------
+
+ORIGIN_DELAY_S = 0.5
+"""How long the origin takes before its first byte (issue 4: "whose origin takes 0.5 s")."""
+ORIGIN_RATE_BYTES_S = 125_000_000
+"""Then the body at about 1 Gbit/s..."""
+ORIGIN_CHUNK_BYTES = 64 * 1024
+"""... in 64 KiB writes."""
+
+
+async def send_paced(response: web.StreamResponse, data: bytes) -> None:
+    """Write ``data`` at about ORIGIN_RATE_BYTES_S, ORIGIN_CHUNK_BYTES at a time.
+
+    Why paced: the origin the figure is about sits across a network, so its body arrives at the
+    link's rate (2 MiB at 1 Gbit/s: about 17 ms), not all at once. A loopback origin that hands
+    the kernel 2 MiB in one write is no such origin, and on this machine it also costs the wrong
+    party: it shares its core with the clients, and the 2 MiB it copies for one request (the
+    reference, say) delay its first byte to the next (the proxy's). Paced on a deadline, not by
+    sleeping a fixed 0.5 ms per chunk: uvloop rounds timers to whole milliseconds, and a 0.5 ms
+    sleep there is no pause at all (which is what bench_cache's origin did before).
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    for start in range(0, len(data), ORIGIN_CHUNK_BYTES):
+        chunk = data[start : start + ORIGIN_CHUNK_BYTES]
+        await response.write(chunk)
+        due += len(chunk) / ORIGIN_RATE_BYTES_S
+        wait = due - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+async def slow_answer(
+    request: web.Request, data: bytes, *, headers_first: bool = False
+) -> web.StreamResponse:
+    """The origin both crowd benchmarks use: ``data`` (a segment) after ORIGIN_DELAY_S, paced.
+
+    ``headers_first``: the headers go at once and the bytes after the delay (a segment still
+    being made) instead of both after the delay.
+    """
+    response = web.StreamResponse(
+        headers={"Content-Type": "video/mp2t", "Content-Length": str(len(data))}
+    )
+    if headers_first:
+        await response.prepare(request)
+    await asyncio.sleep(ORIGIN_DELAY_S)
+    await response.prepare(request)  # (no-op when the headers went first)
+    await send_paced(response, data)
+    await response.write_eof()
+    return response
+
+
+# -- the crowd ----------------------------------------------------------------------------------
 
 # Linux: SO_TIMESTAMPNS makes recvmsg() hand over, with each read, the time the kernel received
 # its first packet (CLOCK_REALTIME, as struct timespec). Python does not name the constant.
@@ -65,6 +124,7 @@ class Probe:
             return
         except OSError:
             data, ancillary = b"", []
+        self._crowd.progress = time.monotonic()
         if not data:
             self._finish()
             return
@@ -102,6 +162,10 @@ class Probe:
             self._loop.add_reader(self._sock.fileno(), self._readable)
             self._reading = True
 
+    def stop(self) -> None:
+        """Give up on this body (noted "incomplete" unless it was whole)."""
+        self._finish()
+
     def _finish(self) -> None:
         if not self.done.done():
             complete = self._length is not None and self._received >= max(self._length, 0)
@@ -115,6 +179,8 @@ class Crowd:
         self._size = size
         self._waiting: list[Probe] = []
         self.all_arrived = asyncio.Event()
+        self.progress = time.monotonic()
+        """When a byte last arrived for any client of the crowd."""
 
     def arrived(self, probe: Probe) -> None:
         self._waiting.append(probe)
@@ -155,11 +221,30 @@ class CrowdResult:
     """Seconds from the first request sent to the last."""
 
 
+BODY_STALL_S = 60.0
+"""The crowd's bodies are given up (noted "incomplete") after this long with no byte for any."""
+
+
+async def _bodies(crowd: Crowd, probes: list[Probe]) -> list[str]:
+    """Every client's digest once its body is in; a slow proxy gets all the time it needs while
+    bytes keep coming (a fixed limit would fail a slow but working one), a stuck one does not."""
+    every = asyncio.gather(*(p.done for p in probes))
+    while True:
+        try:
+            return list(await asyncio.wait_for(asyncio.shield(every), 1.0))
+        except TimeoutError:
+            if time.monotonic() - crowd.progress > BODY_STALL_S:
+                for probe in probes:
+                    probe.stop()
+                return list(await every)
+
+
 async def crowd_get(
     url: str,
     size: int,
     reference: str | None = None,
     reference_headers: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> CrowdResult:
     """``size`` GETs of ``url`` sent at once on open connections.
 
@@ -174,7 +259,7 @@ async def crowd_get(
     probes = [await connect(target, crowd) for _ in range(size)]
     ref_target = URL(reference) if reference else None
     ref_probe = await connect(ref_target, Crowd(1)) if ref_target else None
-    request = get_request(target)
+    request = get_request(target, headers)
     t0 = time.time()  # the clock of the kernel's receive timestamps (CLOCK_REALTIME)
     probes[0].send(request)
     if ref_probe is not None and ref_target is not None:
@@ -185,7 +270,7 @@ async def crowd_get(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(crowd.all_arrived.wait(), 30)
     crowd.release()
-    digests = await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), 120)
+    digests = await _bodies(crowd, probes)
     firsts = [p.first_body_byte - t0 for p in probes if p.first_body_byte is not None]
     ref_first = None
     if ref_probe is not None:

@@ -705,3 +705,57 @@ async def test_a_crowd_on_a_body_that_came_whole_takes_turns(
     for index, (viewer, size) in enumerate(writes):
         if any(last_write[other] > index for other in viewers - {viewer}):
             assert size <= streams.WRITE_SLICE_BYTES
+
+
+@pytest.mark.parametrize("viewers", [2, 4, 16])
+async def test_a_crowds_slices_shrink_with_the_number_of_viewers(
+    proxy: Client, origin: Origin, monkeypatch: pytest.MonkeyPatch, viewers: int
+) -> None:
+    """CROWD_TURN_BYTES is split between a shared body's viewers: the more, the smaller each
+    one's slice per turn (never under FIRST_WRITE_BYTES, never over WRITE_SLICE_BYTES)."""
+    turn = 64 * 1024  # small, so that a few viewers already split it
+    monkeypatch.setattr(streams, "CROWD_TURN_BYTES", turn)
+    data = random.Random(11).randbytes(512 * 1024)
+
+    async def whole(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)  # every viewer has joined before the headers come
+        return web.Response(body=data, content_type="video/mp2t")
+
+    name = f"split{viewers}.ts"
+    origin.routes[f"/crowd/{name}"] = whole
+    url = await segment_url(proxy, origin, name)
+    writes: list[tuple[int, int]] = []
+    original = streams._HeadersWithFirstBytes.write
+
+    async def logged(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        writes.append((id(self), len(data)))
+        await original(self, data)
+
+    monkeypatch.setattr(streams._HeadersWithFirstBytes, "write", logged)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(read_all(session, url) for _ in range(viewers)))
+    assert results == [(200, data)] * viewers
+    assert len(origin.requests_to(f"/crowd/{name}")) == 1
+    # Writes made while every viewer still read the body: before any viewer's last write.
+    last_write = {viewer: index for index, (viewer, _) in enumerate(writes)}
+    first_gone = min(last_write.values())
+    sizes = [size for _, size in writes[viewers:first_gone]]  # after the first bytes
+    expected = max(streams.FIRST_WRITE_BYTES, min(streams.WRITE_SLICE_BYTES, turn // viewers))
+    assert sizes and max(sizes) == expected  # upstream chunk ends may cut one shorter
+
+
+async def test_a_crowd_on_an_empty_body_gets_empty_answers(proxy: Client, origin: Origin) -> None:
+    """No first chunk ever comes: the viewers waiting for it are let go (they used to hang)."""
+
+    async def empty(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(body=b"", content_type="video/mp2t")
+
+    origin.routes["/crowd/empty.ts"] = empty
+    url = await segment_url(proxy, origin, "empty.ts")
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(read_all(session, url) for _ in range(5))), 10
+        )
+    assert results == [(200, b"")] * 5
+    assert len(origin.requests_to("/crowd/empty.ts")) == 1

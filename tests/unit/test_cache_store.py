@@ -11,7 +11,7 @@ import pytest
 from proxy.cache.inflight import (
     BodyHead,
     FirstWrite,
-    FirstWriteWaited,
+    Prepare,
     SharedBodies,
     SharedBody,
 )
@@ -314,11 +314,20 @@ class Crowd:
 
         return write
 
-    async def viewer(self, number: int, write: FirstWrite | None = None) -> tuple[int, list[bytes]]:
+    def prepare_noting(self, number: int) -> Prepare:
+        async def prepare(head: BodyHead) -> None:
+            self.events.append(("prepare", number))
+
+        return prepare
+
+    async def viewer(
+        self, number: int, write: FirstWrite | None = None, prepare: Prepare | None = None
+    ) -> tuple[int, list[bytes]]:
         reader = self.body.reader()
         try:
-            await reader.head()
-            taken = await reader.first_bytes(write or self.write_taking(number, 2))
+            if prepare is None:
+                await reader.head()
+            taken = await reader.first_bytes(write or self.write_taking(number, 2), prepare=prepare)
             self.events.append(("resumed", number))
             rest: list[bytes] = []
             async for chunk in reader:
@@ -391,7 +400,7 @@ async def test_readers_that_left_or_failed_do_not_hold_up_the_others() -> None:
 
     async def waiting(view: memoryview) -> int:
         try:
-            await asyncio.sleep(0)  # a first write must not wait: this one is closed here
+            await asyncio.sleep(0)  # waits in the pump's turn: its own task finishes it
         finally:
             closed.append("waiting")
         return 1
@@ -412,7 +421,7 @@ async def test_readers_that_left_or_failed_do_not_hold_up_the_others() -> None:
     assert results[0] == results[4] == (2, [b"cdef"])
     assert isinstance(results[1], asyncio.CancelledError)
     assert isinstance(results[2], ConnectionResetError)
-    assert isinstance(results[3], FirstWriteWaited) and closed == ["waiting"]
+    assert results[3] == (1, [b"bcdef"]) and closed == ["waiting"]
     assert ("write", 1) not in crowd.events
     assert crowd.body.readers == 0
     await tasks.close()
@@ -502,3 +511,80 @@ async def test_pumps_wait_for_the_next_turn_once_its_chunks_are_taken() -> None:
     sizes, got = await _sizes_seen_each_turn(0)
     assert got == b"".join(bytes([n]) * 10 for n in range(20))
     assert len(set(sizes)) <= 2
+
+
+async def head_later(source: FakeSource, gate: asyncio.Event) -> FakeSource:
+    await gate.wait()  # the upstream's headers are not in yet
+    return source
+
+
+async def test_pump_prepares_every_waiting_reader_when_the_head_arrives() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    gate = asyncio.Event()
+    crowd = Crowd(bodies.start("k", lambda: head_later(source, gate)))
+    viewers = [
+        asyncio.ensure_future(crowd.viewer(n, prepare=crowd.prepare_noting(n))) for n in range(4)
+    ]
+    await asyncio.sleep(0.01)
+    assert crowd.events == []  # no head, nothing prepared
+    gate.set()
+    await asyncio.sleep(0.01)
+    # All prepared by the pump in one go; none written (no bytes yet), none resumed.
+    assert crowd.events == [("prepare", n) for n in range(4)]
+    late = asyncio.ensure_future(crowd.viewer(9, prepare=crowd.prepare_noting(9)))
+    await asyncio.sleep(0.01)
+    assert crowd.events[-1] == ("prepare", 9)  # the head was in: prepared in its own task
+    for chunk in (b"abcdef", None):
+        source.queue.put_nowait(chunk)
+    results = await asyncio.gather(*viewers, late)
+    assert crowd.events[5:10] == [("write", n) for n in (0, 1, 2, 3, 9)]
+    assert sorted(crowd.events[10:]) == [("resumed", n) for n in (0, 1, 2, 3, 9)]
+    assert results == [(2, [b"cdef"])] * 5
+    await tasks.close()
+
+
+async def test_a_prepare_that_waits_is_finished_by_its_readers_task() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    gate = asyncio.Event()
+    crowd = Crowd(bodies.start("k", lambda: head_later(source, gate)))
+
+    async def waiting(head: BodyHead) -> None:
+        await asyncio.sleep(0)  # waits in the pump's turn
+        crowd.events.append(("prepare", 1))
+
+    viewers = [
+        asyncio.ensure_future(crowd.viewer(0, prepare=crowd.prepare_noting(0))),
+        asyncio.ensure_future(crowd.viewer(1, prepare=waiting)),
+    ]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert sorted(crowd.events) == [("prepare", 0), ("prepare", 1), ("resumed", 1)]
+    for chunk in (b"abcdef", None):
+        source.queue.put_nowait(chunk)
+    results = await asyncio.gather(*viewers)
+    # The one whose prepare waited writes its first bytes itself: all of the body, no skip.
+    assert results == [(2, [b"cdef"]), (0, [b"abcdef"])]
+    assert ("write", 1) not in crowd.events
+    await tasks.close()
+
+
+async def test_an_empty_body_lets_the_readers_waiting_for_its_first_chunk_go() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    viewers = [
+        asyncio.ensure_future(crowd.viewer(0)),
+        asyncio.ensure_future(crowd.viewer(1, prepare=crowd.prepare_noting(1))),
+    ]
+    await asyncio.sleep(0.01)
+    source.queue.put_nowait(None)
+    results = await asyncio.wait_for(asyncio.gather(*viewers), 5)
+    assert results == [(0, []), (0, [])]
+    assert ("prepare", 1) in crowd.events and not any(e[0] == "write" for e in crowd.events)
+    await tasks.close()
