@@ -25,7 +25,6 @@ from proxy.live.session import remove_stale_dirs
 from proxy.metrics import Metrics, build_labels, sample_loop_lag
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
-from proxy.turns import TurnBudget
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.guard import DestinationGuard, GuardedResolver
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
@@ -44,7 +43,6 @@ from proxy.web.keys import (
     PROXY_POOL,
     READY,
     RELAY,
-    REQUEST_TURNS,
     SETTINGS,
     UPSTREAM,
 )
@@ -62,9 +60,11 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.build_info.info(build_labels(__version__))
     app[METRICS] = metrics
-    app[REQUEST_TURNS] = TurnBudget(settings.server.requests_per_turn)
     app[FAST_HITS] = FastHits(
-        metrics, settings.security.cors_origins, settings.server.fast_hits_bytes
+        metrics,
+        settings.security.cors_origins,
+        settings.server.fast_hits_bytes,
+        settings.server.requests_per_turn,
     )
     app[READY] = {"ready": False}
     setup_routes(app, settings.server.base_path)

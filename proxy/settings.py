@@ -61,8 +61,8 @@ class ServerSettings(_Section):
     players arriving while the loop is busy must fit."""
     log_format: Literal["text", "json"] = "text"
     requests_per_turn: int = Field(64, ge=0)
-    """Requests whose handling may start in one turn of the event loop; past it the others
-    start in the next turns. 0 = no limit."""
+    """Requests handed to the request handler per turn of the event loop, all connections
+    together; past it the others wait, in order, for the next turns. 0 = no limit."""
     fast_hits_bytes: int = Field(32 * 1024 * 1024, ge=0)
     """Bytes of cached playlist answers kept for the fast path (answered before aiohttp's request
     machinery, ~6x cheaper a request); bodies are shared with the cache while it holds them.

@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy import request_log
 from proxy.errors import HlsRelayError
 from proxy.request_log import RequestFacts
-from proxy.web.keys import FAST_HITS, METRICS, PREPARED_RESPONSE, REQUEST_FACTS, REQUEST_TURNS
+from proxy.web.keys import FAST_HITS, METRICS, PREPARED_RESPONSE, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.web")
 
@@ -80,14 +80,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     stats.in_flight += 1
     # The fast path in front hands this connection's next requests back once this one is done.
     request.app[FAST_HITS].handler_started(request)
-    turns = request.app[REQUEST_TURNS]
     status = 500
     try:
-        if turns.exhausted():
-            # A crowd arrived at once: the rest start in the next turns, so that one turn does
-            # not run hundreds of handlers (token checks, lookups, upstream connects) in a row.
-            await turns.next()
-        turns.take()
         response = await handler(request)
         status = response.status
         return response

@@ -37,6 +37,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from proxy.cache.store import CachedObject
 from proxy.metrics import Metrics
 from proxy.request_log import request_id_from
+from proxy.turns import TurnBudget
 from proxy.web.access_log import ACCESS_LOGGER, log_access
 from proxy.web.cors import EXPOSE_HEADERS
 
@@ -49,6 +50,9 @@ ROUTE = "stream"
 MAX_HEAD_BYTES = 16 * 1024
 # Bodies up to this size go out in one write with their headers; bigger ones as two buffers.
 JOIN_BELOW_BYTES = 64 * 1024
+# Complete requests a connection may send while it waits for its turn; past it, its socket is
+# not read until then.
+MAX_DEFERRED_BYTES = 64 * 1024
 # What aiohttp's run_app keeps an idle keep-alive connection open for: the same here.
 KEEPALIVE_TIMEOUT_S = 75.0
 
@@ -115,8 +119,17 @@ def _accepts_gzip(value: bytes) -> bool:
 class FastHits:
     """The memo of cached playlist answers and what answering one costs (metrics, log line)."""
 
-    def __init__(self, metrics: Metrics, cors_origins: tuple[str, ...], max_bytes: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        cors_origins: tuple[str, ...],
+        max_bytes: int,
+        requests_per_turn: int = 0,
+    ) -> None:
         self._metrics = metrics
+        self.turns = TurnBudget(requests_per_turn)
+        """Requests handed to aiohttp per event-loop turn, all connections together."""
+        self._deferred: list[FastHitsProtocol] = []
         self._max_bytes = max_bytes
         self._bytes = 0
         self._answers: OrderedDict[str, _Answer] = OrderedDict()
@@ -129,6 +142,8 @@ class FastHits:
         self._date = b""
         self.answered = 0
         """Requests answered here since start (tests and benchmarks read it)."""
+        self.deferrals = 0
+        """Times a connection's requests waited for the next turn (tests read it)."""
         self.connections: dict[RequestHandler, FastHitsProtocol] = {}
         """aiohttp's handler of each open connection -> its protocol here."""
 
@@ -276,6 +291,20 @@ class FastHits:
 
         return factory
 
+    def defer(self, connection: FastHitsProtocol) -> None:
+        """Go on with ``connection``'s requests in the next turn (this one's are all taken)."""
+        self.deferrals += 1
+        if not self._deferred:
+            # Queued after the budget's own turn-end callback (a request was taken before any
+            # was deferred), so the next turn starts with a fresh budget.
+            asyncio.get_running_loop().call_soon(self._resume_deferred)
+        self._deferred.append(connection)
+
+    def _resume_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for connection in deferred:
+            connection.resume()
+
     def handler_started(self, request: web.BaseRequest) -> None:
         """Called as aiohttp starts a request: tell the connection when it is done.
 
@@ -296,6 +325,7 @@ class FastHitsProtocol(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_buffer",
+        "_deferred",
         "_for_good",
         "_hits",
         "_idle_since",
@@ -304,6 +334,7 @@ class FastHitsProtocol(asyncio.Protocol):
         "_loop",
         "_paused",
         "_pending",
+        "_reading_paused",
         "_transport",
     )
 
@@ -318,6 +349,9 @@ class FastHitsProtocol(asyncio.Protocol):
         """Requests aiohttp's handler is running (started, not done): the connection is busy."""
         self._for_good = False
         self._paused = False
+        self._deferred = False
+        """Complete requests wait in the buffer for a turn with room (FastHits.turns)."""
+        self._reading_paused = False
         self._loop = asyncio.get_running_loop()
         self._idle_since = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -358,6 +392,30 @@ class FastHitsProtocol(asyncio.Protocol):
             self._inner.data_received(data)
             return
         buffer = self._buffer + data if self._buffer else data
+        if self._deferred:
+            self._buffer = buffer
+            if len(buffer) > MAX_DEFERRED_BYTES and not self._reading_paused:
+                self._reading_paused = True  # no more from this viewer until its turn
+                if self._transport is not None:
+                    self._transport.pause_reading()
+            return
+        self._process(buffer)
+
+    def resume(self) -> None:
+        """A new turn: go on with the requests that waited for it."""
+        self._deferred = False
+        transport = self._transport
+        if transport is None:
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        buffer, self._buffer = self._buffer, b""
+        if buffer:
+            self._process(buffer)
+
+    def _process(self, buffer: bytes) -> None:
+        turns = self._hits.turns
         start = 0
         while True:
             end = buffer.find(b"\r\n\r\n", start)
@@ -368,12 +426,21 @@ class FastHitsProtocol(asyncio.Protocol):
                     return
                 self._buffer = rest
                 return
+            if turns.exhausted():
+                # A crowd arrived at once: its requests go to aiohttp over several turns, so
+                # that no turn makes hundreds of request objects and handlers in a row (and
+                # the first one's upstream request is not sent after all the others' set-up).
+                self._buffer = buffer[start:]
+                self._deferred = True
+                self._hits.defer(self)
+                return
             head = buffer[start : end + 4]
             start = end + 4
             if not self._answer(head):
                 if self._for_good:
                     self._hand_over(head + buffer[start:])
                     return
+                turns.take()
                 self._pending += 1
                 self._inner.data_received(head)
 

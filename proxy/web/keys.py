@@ -13,7 +13,6 @@ from proxy.live.pool import LivePool
 from proxy.metrics import Metrics
 from proxy.request_log import RequestFacts
 from proxy.settings import Settings
-from proxy.turns import TurnBudget
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.proxies import ProxyPool
 from proxy.upstream.relay import StreamRelay
@@ -31,8 +30,6 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CHANNELS = web.AppKey("channels", ChannelCatalog)
 LIVE = web.AppKey("live", LivePool)
 FAST_HITS: web.AppKey[FastHits] = web.AppKey("fast_hits")
-# How many requests may start their handling in one event-loop turn (server.requests_per_turn).
-REQUEST_TURNS = web.AppKey("request_turns", TurnBudget)
 BACKGROUND = web.AppKey("background", dict[str, "asyncio.Task[None]"])
 # Per request: what its access-log line says (request id, upstream host, cache result).
 REQUEST_FACTS = web.RequestKey("request_facts", RequestFacts)

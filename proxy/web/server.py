@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from proxy.web.access_log import AccessLogger
-from proxy.web.fast_hits import KEEPALIVE_TIMEOUT_S, FastHits
+from proxy.web.fast_hits import FastHits
 from proxy.web.keys import FAST_HITS, SETTINGS
 
 # aiohttp's own keep-alive timer cannot see answers given by the fast path, so it is set out of
@@ -67,7 +67,7 @@ async def start(
     port: int,
     access_log_class: type[AbstractAccessLogger] | None = None,
     handle_signals: bool = False,
-) -> tuple[web.AppRunner, web.BaseSite]:
+) -> tuple[web.AppRunner, FastHitsSite]:
     """Start ``app`` listening on ``host:port``; stop it with ``await runner.cleanup()``."""
     settings = app[SETTINGS]
     hits = app[FAST_HITS]
@@ -78,15 +78,11 @@ async def start(
         handle_signals=handle_signals,
         access_log_class=access_log_class,
         shutdown_timeout=settings.server.shutdown_timeout,
-        keepalive_timeout=_HANDLER_KEEPALIVE_S if hits.enabled else KEEPALIVE_TIMEOUT_S,
+        keepalive_timeout=_HANDLER_KEEPALIVE_S,
     )
     await runner.setup()
-    site: web.BaseSite
+    site = FastHitsSite(runner, host, port, hits=hits, backlog=settings.server.backlog)
     try:
-        if hits.enabled:
-            site = FastHitsSite(runner, host, port, hits=hits, backlog=settings.server.backlog)
-        else:
-            site = web.TCPSite(runner, host, port, backlog=settings.server.backlog)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -67,16 +67,9 @@ async def serving(**sections: Any) -> AsyncIterator[Served]:
     app = create_app(make_settings(**sections))
     runner, site = await server.start(app, host="127.0.0.1", port=0)
     try:
-        assert isinstance(site, server.FastHitsSite) == app[FAST_HITS].enabled
-        port = site.port if isinstance(site, server.FastHitsSite) else _port(site)
-        yield Served(app, "127.0.0.1", port)
+        yield Served(app, "127.0.0.1", site.port)
     finally:
         await runner.cleanup()
-
-
-def _port(site: web.BaseSite) -> int:
-    assert isinstance(site, web.TCPSite)
-    return site.port
 
 
 async def read_answer(reader: asyncio.StreamReader, head_only: bool = False) -> Answer:
@@ -406,7 +399,6 @@ async def test_idle_connections_are_closed_and_busy_ones_are_not(
 async def test_shutdown_closes_idle_fast_connections_promptly(playlist_origin: Origin) -> None:
     app = create_app(make_settings(server={"shutdown_timeout": 5.0}))
     runner, site = await server.start(app, host="127.0.0.1", port=0)
-    assert isinstance(site, server.FastHitsSite)
     path = app[RELAY].mint(f"{playlist_origin.url}/live/index.m3u8", {"Referer": REFERER})
     served = Served(app, "127.0.0.1", site.port)
     await warm(served, path)
@@ -426,7 +418,6 @@ async def test_the_listening_socket_has_the_configured_backlog() -> None:
     app = create_app(make_settings(server={"backlog": 777}))
     runner, site = await server.start(app, host="127.0.0.1", port=0)
     try:
-        assert isinstance(site, server.FastHitsSite)
         listing = await asyncio.create_subprocess_exec(
             "ss", "-Hltn", f"sport = :{site.port}", stdout=asyncio.subprocess.PIPE
         )
@@ -451,3 +442,27 @@ async def test_a_playlist_asked_for_once_is_not_kept_and_memo_entries_are_not_gc
         gc.collect()
         (answer,) = fast.hits._answers.values()
         assert not gc.is_tracked(answer)  # full collections never walk the memo's entries
+
+
+async def test_a_crowd_goes_to_aiohttp_a_few_requests_a_turn_and_all_are_answered(
+    origin: Origin,
+) -> None:
+    origin.playlist("/p.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4,\na.ts\n")
+    async with serving(server={"requests_per_turn": 2}) as fast:
+        paths = [fast.mint(f"{origin.url}/p.m3u8?n={n}") for n in range(20)]
+        connections = [await asyncio.open_connection(fast.host, fast.port) for _ in paths]
+        try:
+            # Pipelined too: a second request behind the first on half the connections.
+            for (_, writer), path in zip(connections, paths, strict=True):
+                writer.write(request(path) * (2 if paths.index(path) % 2 else 1))
+            answers = []
+            for n, (reader, _) in enumerate(connections):
+                answers.append(await read_answer(reader))
+                if n % 2:
+                    answers.append(await read_answer(reader))
+        finally:
+            for _, writer in connections:
+                writer.close()
+        assert fast.hits.deferrals > 0  # 20 at once, 2 a turn: most waited for a later turn
+    assert [a.status for a in answers] == [200] * 30
+    assert all(a.body.startswith(b"#EXTM3U") for a in answers)

@@ -8,9 +8,6 @@ from collections import Counter
 import pytest
 
 from proxy.turns import TurnBudget
-from proxy.web.keys import RELAY
-from tests.conftest import ProxyFactory
-from tests.origin import Origin
 
 
 async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
@@ -47,18 +44,3 @@ async def test_at_most_per_turn_takers_go_on_in_one_turn(per_turn: int, takers: 
 async def test_no_limit_lets_everyone_go_on_in_the_same_turn() -> None:
     started = await _starts_by_turn(0, 50)
     assert list(started.values()) == [50]
-
-
-async def test_a_crowd_of_requests_held_to_two_a_turn_is_all_answered(
-    origin: Origin, proxy_factory: ProxyFactory
-) -> None:
-    origin.playlist("/p.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4,\na.ts\n")
-    client = await proxy_factory(server={"requests_per_turn": 2})
-    paths = [client.app[RELAY].mint(f"{origin.url}/p.m3u8?n={n}", {}) for n in range(20)]
-
-    async def get(path: str) -> int:
-        async with client.get(path) as response:
-            await response.read()
-            return response.status
-
-    assert await asyncio.gather(*(get(p) for p in paths)) == [200] * 20
