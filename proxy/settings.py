@@ -60,7 +60,7 @@ class ServerSettings(_Section):
     Past it a new connection's handshake is dropped and retried after 1 s, then 3 s: a crowd of
     players arriving while the loop is busy must fit."""
     log_format: Literal["text", "json"] = "text"
-    requests_per_turn: int = Field(64, ge=0)
+    requests_per_turn: int = Field(16, ge=0)
     """Requests handed to the request handler per turn of the event loop, all connections
     together; past it the others wait, in order, for the next turns. 0 = no limit."""
     fast_hits_bytes: int = Field(32 * 1024 * 1024, ge=0)

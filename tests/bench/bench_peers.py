@@ -31,7 +31,9 @@ probe process also asks every contestant's health route every 20 ms during each 
 answer is shown for comparison only: it runs on the busy load core, so its own scheduling
 dominates (it shows nginx "stalling" too).
 
-Every process is started here and stopped by its PID. Nothing asserts a timing.
+Every process is started here and stopped by its PID. While one contestant is timed the others
+are paused (SIGSTOP, then SIGCONT): they share its core, and one at rest still wakes now and
+then. Nothing asserts a timing.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import random
 import select
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -918,6 +921,30 @@ class Bench:
     def expected(self, form: str) -> bytes:
         return self.files.small if form == "small" else self.files.big
 
+    @contextlib.contextmanager
+    def alone(self, timed: Contestant | None = None) -> Iterator[None]:
+        """The other contestants' processes stopped (SIGSTOP) while ``timed`` is timed.
+
+        Each proxy gets one core, and they all share it: a contestant at rest still wakes now
+        and then (mediaflow's uvicorn ~6 % of the core, hlsrelay's loop-lag timer 1-2 %), and
+        those wake-ups landed in the middle of whoever was being timed. Resumed (SIGCONT)
+        afterwards; none of them is ever left stopped.
+        """
+        keep = set(timed.process.pids()) if timed is not None else set()
+        stopped: list[int] = []
+        try:
+            for other in self.contestants.values():
+                for pid in other.process.pids():
+                    if pid not in keep and pid not in stopped:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGSTOP)
+                            stopped.append(pid)
+            yield
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def origin_body(self, form: str) -> bytes:
         return self.files.live if form == "live" else self.files.vod
 
@@ -967,7 +994,7 @@ class Bench:
                 seconds = self.seconds if number else 1.0
                 probe = LagProbe(contestant.base, contestant.health)
                 lag = LoopLag(contestant)
-                with probe, lag:
+                with self.alone(contestant), probe, lag:
                     try:
                         run, args = wrk(
                             self.pins, self.work, contestant.base, paths, spec.connections, seconds
@@ -1092,7 +1119,7 @@ def run_coalescing(bench: Bench) -> Case:
             path = urlsplit(url).path
             probe = LagProbe(contestant.base, contestant.health)
             lag = LoopLag(contestant)
-            with probe, lag:
+            with bench.alone(contestant), probe, lag:
                 crowd = asyncio.run(
                     _crowd(
                         contestant.base + contestant.paths(url, "media"),
@@ -1210,7 +1237,8 @@ def run_memory(bench: Bench, rounds: int) -> Case:
                     paths = [contestant.paths(u, "media") for u in bench.urls.take(STREAMS, "big")]
                     probe = LagProbe(contestant.base, contestant.health)
                     lag = LoopLag(contestant)
-                    with probe, lag:
+                    # The long-running contestants rest while a fresh one is measured.
+                    with bench.alone(), probe, lag:
                         peak, idle, fed = asyncio.run(
                             _slow_streams(contestant, paths, STREAM_HOLD_S)
                         )
@@ -1346,7 +1374,8 @@ class Report:
             "",
             f"Command: `{COMMAND}` ({b.rounds} recorded rounds of {b.seconds:g} s per contestant "
             "and case after a 1 s warm-up; each round runs every contestant, the order rotating "
-            f"round by round). Pinning: {b.pins.note} (`taskset -c`). Run took "
+            "round by round, the others paused with SIGSTOP while one is timed). "
+            f"Pinning: {b.pins.note} (`taskset -c`). Run took "
             f"{self.ended - self.began:.0f} s.",
             "",
             "Origin: nginx "

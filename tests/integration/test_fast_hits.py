@@ -30,8 +30,9 @@ PLAYLIST = (
     "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:100\n"
     + "".join(f"#EXTINF:4.0,\nsegment_number_{n:05d}.ts\n" for n in range(100, 130))
 )
-# Headers made per request on both paths.
-PER_REQUEST = {"date", "x-request-id", "age"}
+# Headers made per request on both paths; Last-Modified is when each app stored its copy (the
+# two apps may store theirs in different seconds).
+PER_REQUEST = {"date", "x-request-id", "age", "last-modified"}
 
 
 @dataclass
@@ -143,6 +144,8 @@ async def test_a_fast_hit_is_the_answer_the_handler_gives(
     assert fast_answer.status == 200
     assert fast_answer.comparable() == full_answer.comparable()
     assert fast_answer.header("age") is not None and full_answer.header("age") is not None
+    assert fast_answer.header("last-modified") is not None
+    assert full_answer.header("last-modified") is not None
     if "X_Request_Id" in headers:
         assert fast_answer.header("x-request-id") == "edge-42"
     else:
