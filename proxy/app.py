@@ -106,6 +106,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         limit_per_host=settings.upstream.max_connections_per_host,
         ttl_dns_cache=30,
         enable_cleanup_closed=False,
+        **_keepalive(settings.upstream.keepalive_timeout),
     )
     session = _client_session(connector)
     # One session per outbound proxy, each with a tunnelling connector of its own: its resolver
@@ -123,6 +124,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                     limit_per_host=settings.upstream.max_connections_per_host,
                     ttl_dns_cache=30,
                     enable_cleanup_closed=False,
+                    **_keepalive(settings.upstream.keepalive_timeout),
                 )
             ),
         )
@@ -158,6 +160,11 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     for proxy in proxies:
         if proxy.session is not None:
             await proxy.session.close()
+
+
+def _keepalive(seconds: float) -> dict[str, Any]:
+    # aiohttp refuses a keep-alive time together with force_close: 0 means no reuse at all.
+    return {"keepalive_timeout": seconds} if seconds > 0 else {"force_close": True}
 
 
 def _client_session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:

@@ -122,6 +122,9 @@ class UpstreamSettings(_Section):
     """Upstream connections open at once, over all hosts."""
     max_connections_per_host: int = Field(0, ge=0)
     """Upstream connections open at once to one host; 0 = no per-host limit."""
+    keepalive_timeout: float = Field(60.0, ge=0)
+    """Seconds an idle upstream connection is kept for the next request (nginx's upstream
+    ``keepalive_timeout`` default; aiohttp's own is 15 s). 0 = never reused."""
     receive_budget_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Bytes that upstream bodies being relayed may buffer while they arrive, all together (this
     process's read buffers and the kernel's receive buffers): with N at once, each gets 1/N, at

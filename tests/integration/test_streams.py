@@ -647,3 +647,26 @@ async def test_upstream_metrics_count_requests_and_errors(proxy: Client, origin:
     assert 'hlsrelay_upstream_ttfb_seconds_count{kind="playlist"} 2.0' in text
     # Labels are bounded: no URL, host or port of the origin in the exposition.
     assert origin.url.split("//")[1] not in text
+
+
+@pytest.mark.parametrize(("keepalive", "reused"), [(60.0, True), (0.0, False)])
+async def test_idle_upstream_connections_are_kept_for_upstream_keepalive_timeout(
+    proxy_factory: ProxyFactory, origin: Origin, keepalive: float, reused: bool
+) -> None:
+    ports: list[int] = []
+
+    async def segment(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ports.append(peer[1] if peer else 0)
+        return web.Response(body=b"x" * 100, content_type="video/mp2t")
+
+    origin.routes["/a.ts"] = segment
+    origin.routes["/b.ts"] = segment
+    client = await proxy_factory(upstream={"keepalive_timeout": keepalive})
+    for name in ("a.ts", "b.ts"):
+        async with client.get(mint(client, f"{origin.url}/{name}")) as response:
+            assert response.status == 200
+            await response.read()
+        await asyncio.sleep(0.05)  # idle between the two, as between a live channel's segments
+    assert len(ports) == 2
+    assert (ports[0] == ports[1]) is reused
