@@ -65,7 +65,7 @@ class ServerSettings(_Section):
     together; past it the others wait, in order, for the next turns. 0 = no limit."""
     fast_hits_bytes: int = Field(32 * 1024 * 1024, ge=0)
     """Bytes of cached playlist answers kept for the fast path (answered before aiohttp's request
-    machinery, ~6x cheaper a request); bodies are shared with the cache while it holds them.
+    machinery, ~5x cheaper a request); bodies are shared with the cache while it holds them.
     0 turns the fast path off."""
     child_uris: Literal["relative", "root"] = "relative"
     """How a rewritten playlist refers to its children: "relative" (``../ref/name``, compact)

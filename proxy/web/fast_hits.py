@@ -56,7 +56,7 @@ MAX_DEFERRED_BYTES = 64 * 1024
 # What aiohttp's run_app keeps an idle keep-alive connection open for: the same here.
 KEEPALIVE_TIMEOUT_S = 75.0
 
-_GZIP_ETAG_SUFFIX = '-gz"'
+GZIP_ETAG_SUFFIX = '-gz"'
 # Request headers that change the answer in ways only the full handler deals with: conditionals
 # (304s), ranges (an uncached upstream request), bodies and upgrades (not a simple GET).
 _TO_HANDLER = frozenset(
@@ -95,9 +95,8 @@ _SIZE: Final = 8
 def _fixed_head(entry: CachedObject, body: bytes, gzipped: bool) -> bytes:
     lines = ["HTTP/1.1 200 OK"]
     for name, value in entry.headers:
-        if gzipped and name.lower() == "etag" and value.endswith('"'):
-            # A strong validator names one representation: the gzip'd one gets its own.
-            value = value[:-1] + _GZIP_ETAG_SUFFIX
+        if gzipped and name.lower() == "etag":
+            value = gzip_etag(value)
         lines.append(f"{name}: {value}")
     if gzipped:
         lines.append("Content-Encoding: gzip")
@@ -106,13 +105,18 @@ def _fixed_head(entry: CachedObject, body: bytes, gzipped: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
 
-def _accepts_gzip(value: bytes) -> bool:
-    # The same reading as web/streams.py's, over bytes.
-    for item in value.split(b","):
-        coding, _, params = item.strip().partition(b";")
-        if coding.strip().lower() in (b"gzip", b"x-gzip"):
-            quality = params.strip().lower().removeprefix(b"q=").strip()
-            return quality not in (b"0", b"0.0", b"0.00", b"0.000")
+def gzip_etag(etag: str) -> str:
+    """The ETag of a playlist's gzip'd body: a strong validator names one representation."""
+    return etag[:-1] + GZIP_ETAG_SUFFIX if etag.endswith('"') else etag
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value takes gzip (here and in web/streams.py)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            quality = params.strip().lower().removeprefix("q=").strip()
+            return quality not in ("0", "0.0", "0.00", "0.000")
     return False
 
 
@@ -229,7 +233,7 @@ class FastHits:
                 b"Vary: Origin\r\n" % (origin, EXPOSE_HEADERS.encode("latin-1"))
             )
         accept = headers.get(b"accept-encoding")
-        if gzip_body and accept is not None and _accepts_gzip(accept):
+        if gzip_body and accept is not None and accepts_gzip(accept.decode("latin-1")):
             head, body = gzip_head, gzip_body
         header = headers.get(b"x-request-id")
         request_id = request_id_from(None if header is None else header.decode("latin-1"))

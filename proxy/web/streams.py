@@ -29,13 +29,13 @@ from proxy.upstream.relay import (
     ll_hls_query,
 )
 from proxy.web.errors import json_error
+from proxy.web.fast_hits import GZIP_ETAG_SUFFIX, accepts_gzip, gzip_etag
 from proxy.web.keys import FAST_HITS, METRICS, RELAY, REQUEST_FACTS
 
 log = logging.getLogger("hlsrelay.streams")
 
 # Headers that describe the body as the upstream encoded it; wrong once it was decompressed.
 _ENCODED_BODY_HEADERS = frozenset({"Content-Length", "Content-Range", "Content-Encoding"})
-_GZIP_ETAG_SUFFIX = '-gz"'
 # A shared body's first write per viewer: small, so that a crowd waiting on one segment all get
 # their first bytes (and headers, in the same segment) before anyone gets the bulk.
 FIRST_WRITE_BYTES = 4 * 1024
@@ -113,18 +113,9 @@ def _status_error(exc: UpstreamStatus) -> web.Response:
 # -- answers from a stored (or just stored) entry ------------------------------------------------
 
 
-def _accepts_gzip(request: web.Request) -> bool:
-    for item in request.headers.get("Accept-Encoding", "").split(","):
-        coding, _, params = item.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "x-gzip"):
-            quality = params.strip().lower().removeprefix("q=").strip()
-            return quality not in ("0", "0.0", "0.00", "0.000")
-    return False
-
-
 def _bare_etag(tag: str) -> str:
     tag = tag.strip().removeprefix("W/")
-    return tag.replace(_GZIP_ETAG_SUFFIX, '"')
+    return tag.replace(GZIP_ETAG_SUFFIX, '"')
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
@@ -168,13 +159,12 @@ def _from_entry(
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(entry.body)}"
         return web.Response(status=206, body=entry.body[start:stop], headers=headers)
     body = entry.body
-    if entry.gzip_body and _accepts_gzip(request):
+    if entry.gzip_body and accepts_gzip(request.headers.get("Accept-Encoding", "")):
         body = entry.gzip_body
         headers["Content-Encoding"] = "gzip"
         etag = headers.get("ETag")
-        if etag is not None and etag.endswith('"'):
-            # A strong validator names one representation: the gzip'd one gets its own.
-            headers["ETag"] = etag[:-1] + _GZIP_ETAG_SUFFIX
+        if etag is not None:
+            headers["ETag"] = gzip_etag(etag)
     return web.Response(body=body, headers=headers)
 
 

@@ -12,11 +12,13 @@ from proxy.turns import TurnBudget
 
 async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
     turn = 0
+    done = False
 
     def tick() -> None:
         nonlocal turn
         turn += 1
-        loop.call_soon(tick)
+        if not done:
+            loop.call_soon(tick)
 
     loop = asyncio.get_running_loop()
     loop.call_soon(tick)
@@ -30,6 +32,7 @@ async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
         started[turn] += 1
 
     await asyncio.gather(*(taker() for _ in range(takers)))
+    done = True  # the turn counter stops with the test
     return started
 
 
