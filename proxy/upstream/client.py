@@ -135,10 +135,13 @@ class UpstreamResponse:
             self.received.inc(len(chunk))
         return chunk
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, mapped errors included; ends at end of body."""
+    async def read_chunk(self) -> bytes:
+        """The next bytes of the body as they arrive (b"" at end of body), errors mapped.
+
+        A plain call, not a generator: cancelling the task that awaits it leaves the body
+        readable by the next call (a generator would be closed by the cancellation).
+        """
         content = self.raw.content
-        received = self.received
         fit = self.fit
         while True:
             with self._body_errors():
@@ -153,10 +156,13 @@ class UpstreamResponse:
                         continue  # the end of one HTTP chunk (chunked encoding), not of the body
                 else:
                     chunk = await content.read(limit)
-            if not chunk:
-                return
-            if received is not None:
-                received.inc(len(chunk))
+            if chunk and self.received is not None:
+                self.received.inc(len(chunk))
+            return chunk
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, mapped errors included; ends at end of body."""
+        while chunk := await self.read_chunk():
             yield chunk
 
     @contextlib.contextmanager

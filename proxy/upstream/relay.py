@@ -27,7 +27,7 @@ import gzip
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from urllib.parse import urlsplit
@@ -124,8 +124,8 @@ class _UpstreamBody:
         self._response = response
         self.head = head
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self._response.iter_chunks()
+    def read_chunk(self) -> Awaitable[bytes]:
+        return self._response.read_chunk()
 
     def abort(self) -> None:
         self._response.close()
@@ -608,13 +608,13 @@ class StreamRelay:
     def _media_storer(self, key: str, ttl: float) -> OnComplete:
         store = self.cache.store
 
-        async def on_complete(head: BodyHead, body: bytes) -> None:
+        async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
             if head.status != 200 or not head.storable:
                 return
-            if head.length is not None and head.length != len(body):
+            if head.length is not None and head.length != sum(map(len, parts)):
                 return  # never store a body that is not what the upstream announced
             headers = tuple(item for item in head.headers if item[0] != "Content-Length")
-            await store.set(key, CachedObject(body, headers, time.time(), ttl), ttl)
+            await store.set_parts(key, parts, headers, time.time(), ttl)
 
         return on_complete
 

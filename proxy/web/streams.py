@@ -228,7 +228,7 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
         async for chunk in reader:
             view = memoryview(chunk)
             while view:
-                if not sent:
+                if not sent and reader.shared:
                     piece = view[:FIRST_WRITE_BYTES]  # first bytes to all before the bulk to any
                 elif reader.shared:
                     # A crowd's turns stay short: the more viewers, the smaller each one's slice.

@@ -98,6 +98,8 @@ HLSRELAY = "hlsrelay"
 NGINX_DEFAULT = "nginx, default buffering"
 NGINX_MEMORY = "nginx, in-memory buffers"
 NGINX_CACHE = "nginx, proxy_cache"
+# Seconds a run's tail is given before the contestants not timed next are stopped (Bench.alone).
+SETTLE_S = 0.5
 MEDIAFLOW = "mediaflow-proxy"
 
 
@@ -932,6 +934,12 @@ class Bench:
         """
         keep = set(timed.process.pids()) if timed is not None else set()
         stopped: list[int] = []
+        # The last run's tail first: wrk cuts its connections mid-body and a proxy finishes what
+        # it was doing. A contestant stopped with upstream requests in flight finds them timed
+        # out when resumed (the others' runs outlast hlsrelay's 10 s first-byte timeout), and
+        # ten of those in a row open its circuit breaker: its next round all 503s (seen once,
+        # reproduced by stopping it 12 s right after a run).
+        time.sleep(SETTLE_S)
         try:
             for other in self.contestants.values():
                 for pid in other.process.pids():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -133,14 +133,16 @@ class FakeSource:
         self.fail_after = fail_after
         self.finished = self.aborted = False
         self.chunk_limit: int | None = None
+        self.count = 0
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        count = 0
-        while (chunk := await self.queue.get()) is not None:
-            if self.fail_after is not None and count == self.fail_after:
-                raise UpstreamUnreachable("upstream body was cut short")
-            count += 1
-            yield chunk
+    async def read_chunk(self) -> bytes:
+        chunk = await self.queue.get()
+        if chunk is None:
+            return b""
+        if self.fail_after is not None and self.count == self.fail_after:
+            raise UpstreamUnreachable("upstream body was cut short")
+        self.count += 1
+        return chunk
 
     def abort(self) -> None:
         self.aborted = True
@@ -161,8 +163,8 @@ async def test_late_joiner_reads_what_arrived_then_follows() -> None:
     async def opener() -> FakeSource:
         return source
 
-    async def on_complete(head: BodyHead, body: bytes) -> None:
-        stored.append(body)
+    async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
+        stored.append(b"".join(parts))
 
     first = bodies.start("k", opener, on_complete).reader()
     assert await first.head() == source.head
@@ -189,8 +191,8 @@ async def test_failed_body_aborts_every_reader_and_is_not_stored() -> None:
     async def opener() -> FakeSource:
         return source
 
-    async def on_complete(head: BodyHead, body: bytes) -> None:
-        stored.append(body)
+    async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
+        stored.append(b"".join(parts))
 
     body = bodies.start("k", opener, on_complete)
     readers = [body.reader() for _ in range(3)]
@@ -233,8 +235,8 @@ async def test_bodies_kept_whole_stay_within_the_held_budget() -> None:
     sources = [FakeSource([b"x" * 4] * 10 + [None]) for _ in range(5)]
     stored: list[bytes] = []
 
-    async def on_complete(head: BodyHead, body: bytes) -> None:
-        stored.append(body)
+    async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
+        stored.append(b"".join(parts))
 
     readers = []
     for number, source in enumerate(sources):
@@ -588,3 +590,159 @@ async def test_an_empty_body_lets_the_readers_waiting_for_its_first_chunk_go() -
     assert results == [(0, []), (0, [])]
     assert ("prepare", 1) in crowd.events and not any(e[0] == "write" for e in crowd.events)
     await tasks.close()
+
+
+# -- a body with one reader is read by that reader's task --------------------------------------
+
+
+def _stored_into(stored: list[bytes]) -> Callable[[BodyHead, tuple[bytes, ...]], Awaitable[None]]:
+    async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
+        stored.append(b"".join(parts))
+
+    return on_complete
+
+
+async def _opened(source: FakeSource) -> FakeSource:
+    return source
+
+
+async def test_a_lone_reader_reads_the_upstream_itself_and_the_body_is_stored() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one", b"two", b"three", None])
+    stored: list[bytes] = []
+    reader = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
+    assert len(tasks) == 0  # no pump: the reader's own task reads the upstream
+    heads: list[BodyHead] = []
+    assert await reader.first_bytes(_never_written, prepare=_prepared_into(heads)) == 0
+    assert heads == [source.head]  # prepared in its own task, the head being in already
+    got = [bytes(chunk) async for chunk in reader]
+    reader.close()
+    assert got == [b"one", b"two", b"three"] and len(tasks) == 0
+    assert stored == [b"onetwothree"] and source.finished and not source.aborted
+    assert bodies.join("k") is None and bodies.held == 0
+    await tasks.close()
+
+
+async def test_a_joiner_hands_a_lone_readers_body_to_a_pump() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one"])
+    stored: list[bytes] = []
+    first = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
+    assert bytes(await first.__anext__()) == b"one"
+    pulling = asyncio.ensure_future(first.__anext__())  # the reader waits on the upstream
+    await asyncio.sleep(0)
+    late = bodies.join("k")
+    assert late is not None and len(tasks) == 1  # a pump now, waiting for that read to end
+    source.queue.put_nowait(b"two")
+    assert bytes(await pulling) == b"two"
+    source.queue.put_nowait(b"three")
+    source.queue.put_nowait(None)
+    # The pump reads on whether or not the first reader goes on: the late one is not held up.
+    got_late = [bytes(chunk) async for chunk in late]
+    got_first = [bytes(chunk) async for chunk in first]
+    assert got_late == [b"one", b"two", b"three"] and got_first == [b"three"]
+    first.close()
+    late.close()
+    await asyncio.sleep(0)
+    assert stored == [b"onetwothree"] and source.finished
+    await tasks.close()
+
+
+async def test_a_lone_reader_cancelled_mid_read_leaves_the_body_to_a_pump() -> None:
+    """A viewer that leaves while its task waits on the upstream: the read it was in is not
+    lost (a plain call, not a generator closed by the cancellation), the pump reads the rest
+    and the body is stored for the next viewer."""
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one"])
+    stored: list[bytes] = []
+    reader = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
+
+    async def viewer() -> list[bytes]:
+        try:
+            return [bytes(chunk) async for chunk in reader]
+        finally:
+            reader.close()
+
+    task = asyncio.ensure_future(viewer())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(tasks) == 1  # the pump
+    source.queue.put_nowait(b"two")
+    source.queue.put_nowait(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert stored == [b"onetwo"] and source.finished and bodies.held == 0
+    await tasks.close()
+
+
+async def test_a_lone_readers_upstream_failure_is_its_error_and_nothing_is_stored() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"a", b"b", b"c", None], fail_after=2)
+    stored: list[bytes] = []
+    reader = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
+    got: list[bytes] = []
+
+    async def drain() -> None:
+        async for chunk in reader:
+            got.append(bytes(chunk))
+
+    with pytest.raises(UpstreamUnreachable):
+        await drain()
+    reader.close()
+    assert got == [b"a", b"b"] and stored == [] and source.aborted
+    assert bodies.join("k") is None and bodies.held == 0 and len(tasks) == 0
+    await tasks.close()
+
+
+async def test_a_lone_reader_of_a_spilled_body_holds_one_chunk_and_drops_the_upstream() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=25, window_bytes=100)
+    source = FakeSource([b"x" * 10 for _ in range(10)])
+    stored: list[bytes] = []
+    reader = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
+    held: list[int] = []
+    for _ in range(6):
+        await reader.__anext__()
+        held.append(bodies.held)
+    assert bodies.join("k") is None  # spilled past 25 bytes: no joiners
+    assert max(held[3:]) == 10  # past the spill, only the chunk being read is held
+    reader.close()  # the viewer leaves before the end: a pump drops the upstream
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert source.aborted and not source.finished and stored == []
+    assert bodies.held == 0
+    await tasks.close()
+
+
+def _prepared_into(heads: list[BodyHead]) -> Prepare:
+    async def prepare(head: BodyHead) -> None:
+        heads.append(head)
+
+    return prepare
+
+
+async def _never_written(view: memoryview) -> int:
+    raise AssertionError("a lone reader writes its first bytes itself")
+
+
+async def test_a_body_stored_in_parts_is_joined_once_when_first_read() -> None:
+    cache = LruMemoryCache(max_bytes=10_000)
+    store = ObjectStore(cache, backend="memory")
+    parts = (b"a" * 100, b"b" * 50, b"c")
+    headers = (("Content-Type", "video/mp2t"),)
+    await store.set_parts("k", parts, headers, 1000.0, ttl=60)
+    assert store.bytes == 151 + 256  # counted as the same object joined would be
+    assert cache._entries["k"][4:7] == parts  # the chunks themselves: nothing copied yet
+    found = await store.get("k")
+    assert found == CachedObject(b"".join(parts), headers, 1000.0, 60.0)
+    again = await store.get("k")
+    assert again is not None and again.body is found.body  # joined once: the same bytes again
+    assert store.bytes == 151 + 256
+    await store.set_parts("gone", parts, headers, 1000.0, ttl=0)
+    assert await store.get("gone") is None
