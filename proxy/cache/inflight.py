@@ -1,10 +1,11 @@
 """Shared in-flight bodies: one upstream body fed to N readers as its bytes arrive.
 
 When N viewers ask for the same segment while it is still arriving, one upstream fetch (a
-background task, the *pump*) feeds all of them. A body with one viewer (most, a viewer per
-stream) is read by that viewer's own task instead, until a second viewer joins or it leaves
-(:class:`_Feed`). Each reader gets every chunk as soon as the pump
+background task, the *pump*) feeds all of them. Each reader gets every chunk as soon as the pump
 has it, not after the whole body; a late joiner first gets what has arrived so far, then follows.
+A body with one viewer (most: a viewer per stream) is read by that viewer's own task instead,
+until a second viewer joins or it leaves (:class:`_Feed`), unless memory is already short when
+it opens (then a pump reads it).
 
 * A body that completes within ``max_object_bytes`` is handed to ``on_complete`` (which stores
   it, as the chunks it came in: see :meth:`~proxy.cache.store.ObjectStore.set_parts`) before the
@@ -558,8 +559,16 @@ class SharedBodies:
         feed = _Feed(key, source, on_complete, self)
         if body.readers > 1:
             self._tasks.spawn(self._pump(body, feed, begin=True), name="shared-body")
+            return reader
+        self._begin(body, feed)
+        if body.spilled:
+            # Memory was short from the start (many bodies at once, most with slow viewers): a
+            # pump, which keeps the upstream's buffers drained into the body's small window.
+            # Read by their viewers' tasks, 500 such bodies peaked 10-20 MB higher (bench_peers
+            # case 7: 190-202 MB against 168-179 MB, interleaved runs), most likely the read
+            # buffers of upstreams read only when their slow viewer wants more.
+            self._pump_from_now(body, feed)
         else:
-            self._begin(body, feed)
             body._feed = feed
         return reader
 

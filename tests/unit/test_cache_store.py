@@ -624,6 +624,24 @@ async def test_a_lone_reader_reads_the_upstream_itself_and_the_body_is_stored() 
     await tasks.close()
 
 
+async def test_a_body_opened_when_memory_is_short_is_read_by_a_pump() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(
+        tasks, max_object_bytes=1000, window_bytes=100, held_bytes=5, pressure_window_bytes=4
+    )
+    holding = FakeSource([b"x" * 10])
+    first = await bodies.open("a", lambda: _opened(holding), None)
+    await first.__anext__()  # 10 bytes held: past the budget of 5
+    assert len(tasks) == 0  # memory was fine when it opened: its reader reads it
+    source = FakeSource([b"late", None])
+    second = await bodies.open("b", lambda: _opened(source), None)
+    assert len(tasks) == 1  # spilled from the start: a pump reads it
+    assert [bytes(chunk) async for chunk in second] == [b"late"]
+    first.close()
+    second.close()
+    await tasks.close()
+
+
 async def test_a_joiner_hands_a_lone_readers_body_to_a_pump() -> None:
     tasks = BackgroundTasks()
     bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
