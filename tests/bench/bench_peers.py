@@ -147,6 +147,24 @@ class Process:
         except OSError:
             return ""
 
+    def trouble(self) -> str:
+        """What its log says went wrong (answers of 500 or more, warnings, errors), if anything:
+        the first three such lines, for a failed case's note."""
+        lines = [
+            line.strip()
+            for line in self.tail_lines()
+            if any(mark in line for mark in (" 50", "WARNING", "ERROR", "[error]", "[crit]"))
+        ]
+        return ("; its log: " + " | ".join(lines[:3])) if lines else ""
+
+    def tail_lines(self) -> list[str]:
+        try:
+            with self.log.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2_000_000))
+                return f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+
     def pids(self) -> list[int]:
         """This process and its children (nginx's worker), for RSS."""
         found = [self.proc.pid]
@@ -643,6 +661,8 @@ class WrkRun:
     p99_ms: float
     max_ms: float
     distinct: int
+    error_kinds: str = ""
+    """wrk's failed requests by kind ("status 2, read 1"), when there were any."""
 
     @property
     def rps(self) -> float:
@@ -671,7 +691,8 @@ def wrk(
     if done.returncode != 0 or line is None:
         raise Wrong(f"wrk failed: {done.stderr.strip()[-300:]}")
     raw = json.loads(line.removeprefix("WRKJSON "))
-    errors = sum(raw[k] for k in ("connect", "read", "write", "status", "timeout"))
+    kinds = ("connect", "read", "write", "status", "timeout")
+    errors = sum(raw[k] for k in kinds)
     run = WrkRun(
         raw["requests"],
         raw["bytes"],
@@ -681,6 +702,7 @@ def wrk(
         raw["p99_us"] / 1000,
         raw["max_us"] / 1000,
         len(paths),
+        ", ".join(f"{k} {raw[k]}" for k in kinds if raw[k]),
     )
     shown = [a if not a.startswith(str(work)) else Path(a).name for a in args]
     return run, shown
@@ -1011,7 +1033,10 @@ class Bench:
                         outcome.failure = str(exc)
                         continue
                 if run.errors:
-                    outcome.failure = f"{run.errors} failed requests under load"
+                    outcome.failure = (
+                        f"{run.errors} failed requests under load ({run.error_kinds})"
+                        + contestant.process.trouble()
+                    )
                     continue
                 case.commands[contestant.name] = shlex.join(args)
                 if not number:
