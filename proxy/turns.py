@@ -53,3 +53,28 @@ class TurnBudget:
         self._new_turn = None
         done, self._next = self._next, asyncio.Event()
         done.set()
+
+
+class TurnMark:
+    """Whether the event loop has turned (run its other ready callbacks) since this was made.
+
+    A task that must not hold the loop for long yields after each step; if the step waited
+    (a write that waited for its socket to drain), the loop has turned already and another yield
+    is one more task step for nothing: in bench_peers' memory case, 500 viewers each cost a
+    write, a yield and a read per 8 KiB they took, and the turns that ran them reached 50-100 ms.
+    """
+
+    __slots__ = ("_handle", "_turned")
+
+    def __init__(self) -> None:
+        self._turned = False
+        self._handle = asyncio.get_running_loop().call_soon(self._mark)
+
+    def _mark(self) -> None:
+        self._turned = True
+
+    def passed(self) -> bool:
+        """True once the loop has turned; if not yet, the mark is dropped (call once)."""
+        if not self._turned:
+            self._handle.cancel()
+        return self._turned

@@ -20,6 +20,7 @@ from proxy.cache.inflight import BodyHead
 from proxy.cache.store import CachedObject
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, media_freshness, not_found_freshness
+from proxy.turns import TurnMark
 from proxy.upstream.relay import (
     MEDIA_RESPONSE_HEADERS,
     CachedMedia,
@@ -237,13 +238,16 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
                 else:
                     piece = view  # alone: an upstream chunk per turn costs nothing extra
                 # write() waits for this viewer's socket only; the others go at their own pace.
+                turn = TurnMark()
                 await response.write(piece)
                 sent += len(piece)
                 view = view[len(piece) :]
                 # write() returns without yielding while the socket takes the bytes: without this,
                 # 500 viewers of a body that arrived whole would each write 2 MiB in one step, a
                 # stall of seconds for everyone else on the loop (health checks, new requests).
-                await asyncio.sleep(0)
+                # A write that waited for the socket has let the loop turn already.
+                if not turn.passed():
+                    await asyncio.sleep(0)
     except UpstreamError as exc:
         if prepared is None:
             raise  # nothing prepared, nothing sent: the viewer gets the error as an answer

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.turns import TurnBudget
+from proxy.turns import TurnBudget, TurnMark
 
 
 async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
@@ -47,3 +47,16 @@ async def test_at_most_per_turn_takers_go_on_in_one_turn(per_turn: int, takers: 
 async def test_no_limit_lets_everyone_go_on_in_the_same_turn() -> None:
     started = await _starts_by_turn(0, 50)
     assert list(started.values()) == [50]
+
+
+async def test_a_turn_mark_tells_whether_the_loop_turned_since() -> None:
+    mark = TurnMark()
+    await asyncio.sleep(0)  # a step that let other callbacks run
+    assert mark.passed()
+    ran: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.call_soon(ran.append, 1)
+    mark = TurnMark()
+    assert not mark.passed()  # nothing waited: the caller yields itself
+    await asyncio.sleep(0)
+    assert ran == [1] and not mark.passed()  # the dropped mark never fires later
