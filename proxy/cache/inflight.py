@@ -391,9 +391,6 @@ class SharedBody:
                 answer.future.set_exception(error)
         self._wake()
 
-    def body(self) -> bytes:
-        return b"".join(self._chunks)
-
     def parts(self) -> tuple[bytes, ...]:
         """The whole body as the chunks it arrived in (no copy of their bytes)."""
         return tuple(self._chunks)

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import shlex
 import shutil
@@ -98,6 +99,9 @@ HLSRELAY = "hlsrelay"
 NGINX_DEFAULT = "nginx, default buffering"
 NGINX_MEMORY = "nginx, in-memory buffers"
 NGINX_CACHE = "nginx, proxy_cache"
+# A log line worth showing with a failed case: an answer of 500 or more (hlsrelay's access line
+# "stream 503 532B", uvicorn's '" 502 Bad Gateway'), a warning or an error (nginx's "[error]").
+_TROUBLE = re.compile(r"""[\s"]5\d\d(?: \d+B\b| [A-Z])|WARNING|ERROR|\[error\]|\[crit\]""")
 # Seconds a run's tail is given before the contestants not timed next are stopped (Bench.alone).
 SETTLE_S = 0.5
 MEDIAFLOW = "mediaflow-proxy"
@@ -150,11 +154,7 @@ class Process:
     def trouble(self) -> str:
         """What its log says went wrong (answers of 500 or more, warnings, errors), if anything:
         the first three such lines, for a failed case's note."""
-        lines = [
-            line.strip()
-            for line in self.tail_lines()
-            if any(mark in line for mark in (" 50", "WARNING", "ERROR", "[error]", "[crit]"))
-        ]
+        lines = [line.strip() for line in self.tail_lines() if _TROUBLE.search(line)]
         return ("; its log: " + " | ".join(lines[:3])) if lines else ""
 
     def tail_lines(self) -> list[str]:
