@@ -29,7 +29,7 @@ from proxy.upstream.client import UpstreamClient
 from proxy.upstream.guard import DestinationGuard, GuardedResolver
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.relay import StreamRelay
-from proxy.upstream.transport import TunnelConnector
+from proxy.upstream.transport import TunnelConnector, UpstreamConnector
 from proxy.web.cors import add_cors_headers, preflight_middleware
 from proxy.web.errors import add_request_id, error_middleware, metrics_middleware
 from proxy.web.fast_hits import FastHits
@@ -100,7 +100,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             else "; stream URLs stop working when the process restarts",
         )
     guard = DestinationGuard(settings.upstream.allow_networks)
-    connector = aiohttp.TCPConnector(
+    connector = UpstreamConnector(
         resolver=GuardedResolver(guard),
         limit=settings.upstream.max_connections,
         limit_per_host=settings.upstream.max_connections_per_host,

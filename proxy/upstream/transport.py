@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -31,6 +33,8 @@ from aiohttp.client_proto import ResponseHandler
 from python_socks import ProxyType
 from python_socks.async_.asyncio.v2 import Proxy
 from yarl import URL
+
+from proxy.upstream.direct_body import DirectBodyHandler
 
 if TYPE_CHECKING:
     from aiohttp.client_reqrep import ClientRequest, ConnectionKey
@@ -64,7 +68,7 @@ class TunnelRefused(aiohttp.ClientConnectorError):
         self.proxy = proxy
 
 
-class _TunnelHandler(ResponseHandler):
+class _TunnelHandler(DirectBodyHandler):
     # Keeps the StreamWriter alive: since Python 3.11.5 its __del__ closes the transport.
     def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter) -> None:
         super().__init__(loop)
@@ -83,7 +87,17 @@ def proxy_type_of(url: URL) -> tuple[ProxyType, bool]:
     raise ValueError("unsupported proxy scheme")
 
 
-class TunnelConnector(aiohttp.TCPConnector):
+class UpstreamConnector(aiohttp.TCPConnector):
+    """aiohttp's ``TCPConnector`` whose connections speak :class:`DirectBodyHandler`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The protocol factory aiohttp's connector dials with (its TLS connections too).
+        factory: Callable[..., ResponseHandler] = DirectBodyHandler
+        self._factory = functools.partial(factory, loop=self._loop)
+
+
+class TunnelConnector(UpstreamConnector):
     """A ``TCPConnector`` whose connections are tunnels through one proxy.
 
     Name resolution, connection pooling, keep-alive and limits are aiohttp's; only the last step

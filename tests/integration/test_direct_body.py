@@ -1,0 +1,196 @@
+"""Upstream bodies fed to their readers without aiohttp's parser copy (proxy/upstream/direct_body).
+
+Real sockets throughout: the aiohttp origin on port 0 for well-behaved answers, a raw asyncio
+server on port 0 for the ones an upstream can get wrong (cut short, too long, closed at once).
+The raw server sends the head first and the body a moment later, so the body arrives in reads
+of its own: the case the handler takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from proxy.upstream.direct_body import DirectBodyHandler
+from proxy.upstream.transport import UpstreamConnector
+from tests.origin import Origin
+
+MIB = 1024 * 1024
+BODY = bytes(range(256)) * (4 * MIB // 256)
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawOrigin:
+    """An HTTP/1.1 server that answers every request with what ``answer`` writes."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawOrigin:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while not writer.is_closing():
+                await reader.readuntil(b"\r\n\r\n")
+                await self.answer(writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def head_then(writer: asyncio.StreamWriter, head: bytes, *pieces: bytes) -> None:
+    """Write the head, let it go out alone, then each piece in turn."""
+    writer.write(head)
+    await writer.drain()
+    for piece in pieces:
+        await asyncio.sleep(0.02)
+        writer.write(piece)
+        await writer.drain()
+
+
+def plain_head(length: int, extra: str = "") -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n{extra}\r\n".encode()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=UpstreamConnector(limit=1)) as client:
+        yield client
+
+
+def handler_of(response: aiohttp.ClientResponse) -> DirectBodyHandler:
+    assert response.connection is not None
+    protocol = response.connection.protocol
+    assert isinstance(protocol, DirectBodyHandler)
+    return protocol
+
+
+async def test_plain_bodies_go_direct_and_the_connection_is_reused(
+    origin: Origin, session: aiohttp.ClientSession
+) -> None:
+    origin.media("/a.ts", BODY)
+    origin.media("/b.ts", BODY[::-1])
+    async with session.get(f"{origin.url}/a.ts") as first:
+        protocol = handler_of(first)
+        assert await first.read() == BODY
+    fed = protocol.direct_bytes
+    assert fed > len(BODY) // 2  # most of it came after the head
+    async with session.get(f"{origin.url}/b.ts") as second:
+        assert handler_of(second) is protocol  # kept alive: the parser was renewed for it
+        assert await second.read() == BODY[::-1]
+    assert protocol.direct_bytes > fed + len(BODY) // 2
+
+
+async def test_a_slow_reader_gets_every_byte_through_flow_control(origin: Origin) -> None:
+    origin.media("/a.ts", BODY)
+    connector = UpstreamConnector(limit=1)
+    async with (
+        aiohttp.ClientSession(connector=connector, read_bufsize=16 * 1024) as session,
+        session.get(f"{origin.url}/a.ts") as response,
+    ):
+        protocol = handler_of(response)
+        got = bytearray()
+        async for chunk in response.content.iter_any():
+            got += chunk
+            if len(got) < MIB:
+                await asyncio.sleep(0.005)  # the socket fills; reading is paused and resumed
+        assert bytes(got) == BODY
+        assert protocol.direct_bytes > len(BODY) // 2
+
+
+async def test_chunked_and_decompressed_bodies_stay_with_the_parser(
+    session: aiohttp.ClientSession,
+) -> None:
+    packed = gzip.compress(BODY, compresslevel=1)
+
+    modes = iter(["chunked", "gzip", "gzip"])
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        if next(modes) == "chunked":
+            pieces = [
+                f"{len(BODY[i : i + MIB]):x}\r\n".encode() + BODY[i : i + MIB] + b"\r\n"
+                for i in range(0, len(BODY), MIB)
+            ]
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            await head_then(writer, head, *pieces, b"0\r\n\r\n")
+        else:
+            head = plain_head(len(packed), "Content-Encoding: gzip\r\n")
+            await head_then(writer, head, packed[:1000], packed[1000:])
+
+    async with RawOrigin(answer) as raw:
+        async with session.get(raw.url) as response:
+            protocol = handler_of(response)
+            assert await response.read() == BODY
+        async with session.get(raw.url) as response:
+            assert await response.read() == BODY  # decoded by aiohttp
+        assert protocol.direct_bytes == 0
+        async with session.get(raw.url, auto_decompress=False) as response:
+            assert await response.read() == packed  # passed on as sent: fed directly
+        assert protocol.direct_bytes == len(packed)  # both pieces came after the head
+        assert raw.connections == 1  # every answer complete, the connection kept
+
+
+async def test_a_body_cut_short_is_an_error(session: aiohttp.ClientSession) -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(len(BODY)), BODY[: MIB // 2], BODY[MIB // 2 : MIB])
+        writer.close()
+
+    async with RawOrigin(answer) as raw, session.get(raw.url) as response:
+        protocol = handler_of(response)
+        with pytest.raises(aiohttp.ClientPayloadError, match="not completed"):
+            await response.read()
+        assert protocol.direct_bytes == MIB
+
+
+async def test_a_close_right_after_the_body_loses_nothing(session: aiohttp.ClientSession) -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        # No "Connection: close": the client has put the connection back for reuse when it goes.
+        # Small enough to sit unread in the client's buffer without pausing the socket.
+        await head_then(writer, plain_head(len(small)), small[:20_000], small[20_000:])
+        writer.close()
+
+    small = BODY[:50_000]
+    async with RawOrigin(answer) as raw:
+        for _ in range(2):
+            async with session.get(raw.url) as response:
+                protocol = handler_of(response)
+                await asyncio.sleep(0.3)  # the connection is gone before the reader starts
+                assert protocol.transport is None
+                assert await response.read() == small
+        assert raw.connections == 2
+        assert protocol.direct_bytes == len(small)
+
+
+async def test_bytes_past_the_body_are_dropped_and_the_connection_closed(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(len(BODY)), BODY[:MIB], BODY[MIB:] + b"HTTP/1.1 junk")
+
+    async with RawOrigin(answer) as raw:
+        for _ in range(2):
+            async with session.get(raw.url) as response:
+                protocol = handler_of(response)
+                assert await response.read() == BODY
+            await asyncio.sleep(0.1)  # the junk may come in a read of its own, after the body
+        assert raw.connections == 2  # the first connection was not reused after its junk
+        assert protocol.direct_bytes == len(BODY)  # the second connection's
