@@ -46,8 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Container objects allocated (net) between two young collections: ten times Python's 700.
-GC_YOUNG_THRESHOLD = 7_000
+# The collector's thresholds while serving: young collections after 3,000 container objects
+# (net) and a middle one every 3 of them, so neither ever walks more than ~12,000 young objects;
+# a full collection at most every 100 middle ones (and, as always, only once the survivors have
+# grown by a quarter). Measured with 500 viewers arriving at once (bench_peers case 7): Python's
+# (700, 10, 10) or (7,000, 10, 10) let the middle generation fill with a crowd's live requests,
+# ~70,000 objects, and each collection of it took 20-37 ms, landing on turns already ~25 ms long
+# (lag samples of 43-78 ms); with these, middle collections take 5-9 ms.
+GC_THRESHOLDS = (3_000, 3, 100)
 
 
 async def tune_gc(app: web.Application) -> None:
@@ -56,14 +62,12 @@ async def tune_gc(app: web.Application) -> None:
     Modules, settings, the app and its long-lived state live as long as the process, yet a full
     collection walks all of them (~70,000 objects): 30-100 ms on this project's machine, now and
     then in the middle of 500 viewers' first bytes. Frozen, they are never walked again, and
-    collections see only what requests made since. A rarer young collection (each request makes
-    a few dozen objects, so the default ran several times per crowd) keeps the rest out of it.
-    A server process only: a test process makes and drops many apps.
+    collections see only what requests made since; :data:`GC_THRESHOLDS` keeps each of those
+    short. A server process only: a test process makes and drops many apps.
     """
     gc.collect()  # what startup left behind goes first, not into the frozen set forever
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _serve(settings: Settings) -> int:

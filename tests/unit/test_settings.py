@@ -213,14 +213,14 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
     assert closed == [True]  # pending log lines written before the process ends
 
 
-async def test_tune_gc_freezes_what_startup_made_and_collects_young_objects_less_often() -> None:
+async def test_tune_gc_freezes_what_startup_made_and_sets_the_serving_thresholds() -> None:
     from proxy import __main__ as cli
 
     threshold = gc.get_threshold()
     try:
         await cli.tune_gc(web.Application())
         assert gc.get_freeze_count() > 0
-        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, *threshold[1:])
+        assert gc.get_threshold() == cli.GC_THRESHOLDS != threshold
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
