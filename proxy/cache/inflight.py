@@ -80,6 +80,10 @@ class BodySource(Protocol):
         call."""
         ...
 
+    def ready(self) -> bool:
+        """Whether :meth:`read_chunk` would return without waiting (bytes, end or error in)."""
+        ...
+
     def abort(self) -> None:
         """Drop the connection (the body was not read to the end)."""
 
@@ -290,6 +294,14 @@ class SharedBody:
             more = self._more
             await more.wait()
 
+    def _ready(self, reader: BodyReader) -> bool:
+        if self._readers[reader] - self._first < len(self._chunks):
+            return True
+        if self.error is not None or self.done:
+            return True
+        feed = self._feed
+        return feed is not None and not feed.lock.locked() and feed.source.ready()
+
     def _leave(self, reader: BodyReader) -> None:
         self._first_writes.pop(reader, None)
         if self._readers.pop(reader, None) is not None:
@@ -448,6 +460,11 @@ class BodyReader:
     def readers(self) -> int:
         """How many readers follow the same body now, this one included."""
         return self._body.readers
+
+    def ready(self) -> bool:
+        """Whether the next chunk (or the end, or the failure) is here: taking it would not wait
+        (a reader that will wait anyway need not yield to be fair to others)."""
+        return self._body._ready(self)
 
     def __aiter__(self) -> BodyReader:
         return self

@@ -127,6 +127,9 @@ class _UpstreamBody:
     def read_chunk(self) -> Awaitable[bytes]:
         return self._response.read_chunk()
 
+    def ready(self) -> bool:
+        return self._response.ready()
+
     def abort(self) -> None:
         self._response.close()
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
+from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.direct_body import DirectBodyHandler
 from proxy.upstream.transport import UpstreamConnector
 from tests.origin import Origin
@@ -194,3 +195,26 @@ async def test_bytes_past_the_body_are_dropped_and_the_connection_closed(
             await asyncio.sleep(0.1)  # the junk may come in a read of its own, after the body
         assert raw.connections == 2  # the first connection was not reused after its junk
         assert protocol.direct_bytes == len(BODY)  # the second connection's
+
+
+async def test_an_upstream_response_is_ready_when_a_read_would_not_wait(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(2 * MIB), BODY[:MIB], BODY[MIB : 2 * MIB])
+
+    async with RawOrigin(answer) as raw, session.get(raw.url) as response:
+        upstream = UpstreamResponse(raw=response, final_url=raw.url)
+        assert not upstream.ready()  # the head came alone
+        got = b""
+        while len(got) < 2 * MIB:
+            while not upstream.ready():
+                await asyncio.sleep(0.001)
+            while upstream.ready() and len(got) < 2 * MIB:
+                reading = asyncio.ensure_future(upstream.read_chunk())
+                await asyncio.sleep(0)
+                assert reading.done()  # ready: the read took one step, it did not wait
+                got += reading.result()
+        assert got == BODY[: 2 * MIB] and upstream.taken == 2 * MIB
+        assert upstream.ready()  # the end is in
+        assert await upstream.read_chunk() == b""

@@ -144,6 +144,9 @@ class FakeSource:
         self.count += 1
         return chunk
 
+    def ready(self) -> bool:
+        return not self.queue.empty()
+
     def abort(self) -> None:
         self.aborted = True
 
@@ -621,6 +624,30 @@ async def test_a_lone_reader_reads_the_upstream_itself_and_the_body_is_stored() 
     assert got == [b"one", b"two", b"three"] and len(tasks) == 0
     assert stored == [b"onetwothree"] and source.finished and not source.aborted
     assert bodies.join("k") is None and bodies.held == 0
+    await tasks.close()
+
+
+async def test_a_reader_is_ready_only_when_its_next_read_would_not_wait() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one"])
+    lone = await bodies.open("k", lambda: _opened(source), None)
+    assert lone.ready()  # "one" is in the upstream's buffer
+    assert bytes(await lone.__anext__()) == b"one"
+    assert not lone.ready()  # nothing more in: the relay need not yield, its read will wait
+    pulling = asyncio.ensure_future(lone.__anext__())
+    await asyncio.sleep(0)
+    source.queue.put_nowait(b"two")
+    late = bodies.join("k")  # a pump now, waiting for the lone read in flight
+    assert late is not None and late.ready()  # "one" is there for it
+    assert bytes(await pulling) == b"two"
+    assert not lone.ready()
+    source.queue.put_nowait(None)
+    assert [bytes(chunk) async for chunk in late] == [b"one", b"two"]
+    assert lone.ready()  # the end is in: reading it does not wait
+    assert [bytes(chunk) async for chunk in lone] == []
+    lone.close()
+    late.close()
     await tasks.close()
 
 
