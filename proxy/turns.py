@@ -21,9 +21,9 @@ class TurnBudget:
     work of its own.
 
     Takers past the budget wait in :meth:`next`, in the order they came; each turn wakes as many
-    of them as the turn has items (each counts when it takes one), the rest stay asleep. (An event woken for
-    all made every waiter run a step each turn only to wait again: with 500 bodies in flight,
-    ~370 task steps a turn for nothing.)
+    of them as the turn has items (each counts when it takes one), the rest stay asleep. (An
+    event woken for all made every waiter run a step each turn only to wait again: with 500
+    bodies in flight, ~370 task steps a turn for nothing.)
     """
 
     __slots__ = ("_new_turn", "_per_turn", "_taken", "_waiters")

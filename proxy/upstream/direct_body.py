@@ -17,8 +17,11 @@ the connection closed; the next request on the connection gets a fresh parser
 (``set_response_params``), as it always does.
 
 This leans on ``ResponseHandler``'s attributes (``_payload``, ``_parser``, ``_buffer``, the
-pause flags) as aiohttp 3.14 has them; tests/unit/test_direct_body.py holds them to it with a
-real origin: plain, chunked, compressed, keep-alive reuse, early close, extra bytes.
+pause flags) as aiohttp 3.14 has them; tests/integration/test_direct_body.py holds them to it
+with a real origin: plain, chunked, compressed, keep-alive reuse, early close, extra bytes.
+Under any other aiohttp minor version (:data:`DIRECT_BODIES` false) the handler takes no body
+over and is aiohttp's own protocol: private attributes may change between minor releases, and
+a relay a little slower is better than one that loses bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
+
+
+def written_for(version: str) -> bool:
+    """Whether *version* of aiohttp is one this handler was written and tested against."""
+    return version.split(".")[:2] == ["3", "14"]
+
+
+DIRECT_BODIES = written_for(aiohttp.__version__)
+"""Whether bodies are taken over at all (else the parser feeds every body, as in aiohttp)."""
 
 
 class DirectBodyHandler(ResponseHandler):
@@ -94,6 +107,8 @@ class DirectBodyHandler(ResponseHandler):
     def _plain_length(self) -> int:
         """The length of the body just begun, if this protocol may feed it; else 0."""
         payload = self._payload
+        if not DIRECT_BODIES:
+            return 0
         if type(payload) is not StreamReader or payload.is_eof() or not self._buffer:
             return 0
         (message, queued), _size = self._buffer[-1]

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
+from proxy.upstream import direct_body
 from proxy.upstream.client import UpstreamResponse
-from proxy.upstream.direct_body import DirectBodyHandler
+from proxy.upstream.direct_body import DIRECT_BODIES, DirectBodyHandler, written_for
 from proxy.upstream.transport import UpstreamConnector
 from tests.origin import Origin
 
@@ -24,6 +25,10 @@ MIB = 1024 * 1024
 BODY = bytes(range(256)) * (4 * MIB // 256)
 
 Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+taken_over = pytest.mark.skipif(
+    not DIRECT_BODIES, reason="another aiohttp minor version: every body stays with the parser"
+)
 
 
 class RawOrigin:
@@ -85,6 +90,7 @@ def handler_of(response: aiohttp.ClientResponse) -> DirectBodyHandler:
     return protocol
 
 
+@taken_over
 async def test_plain_bodies_go_direct_and_the_connection_is_reused(
     origin: Origin, session: aiohttp.ClientSession
 ) -> None:
@@ -101,6 +107,7 @@ async def test_plain_bodies_go_direct_and_the_connection_is_reused(
     assert protocol.direct_bytes > fed + len(BODY) // 2
 
 
+@taken_over
 async def test_a_slow_reader_gets_every_byte_through_flow_control(origin: Origin) -> None:
     origin.media("/a.ts", BODY)
     connector = UpstreamConnector(limit=1)
@@ -150,6 +157,7 @@ async def test_chunked_and_decompressed_bodies_stay_with_the_parser(
         assert raw.connections == 1  # every answer complete, the connection kept
 
 
+@taken_over
 async def test_a_body_cut_short_is_an_error(session: aiohttp.ClientSession) -> None:
     async def answer(writer: asyncio.StreamWriter) -> None:
         await head_then(writer, plain_head(len(BODY)), BODY[: MIB // 2], BODY[MIB // 2 : MIB])
@@ -162,6 +170,7 @@ async def test_a_body_cut_short_is_an_error(session: aiohttp.ClientSession) -> N
         assert protocol.direct_bytes == MIB
 
 
+@taken_over
 async def test_a_close_right_after_the_body_loses_nothing(session: aiohttp.ClientSession) -> None:
     async def answer(writer: asyncio.StreamWriter) -> None:
         # No "Connection: close": the client has put the connection back for reuse when it goes.
@@ -181,6 +190,7 @@ async def test_a_close_right_after_the_body_loses_nothing(session: aiohttp.Clien
         assert protocol.direct_bytes == len(small)
 
 
+@taken_over
 async def test_bytes_past_the_body_are_dropped_and_the_connection_closed(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -222,3 +232,20 @@ async def test_an_upstream_response_is_ready_when_a_read_would_not_wait(
         assert got == BODY[: 2 * MIB] and upstream.taken == 2 * MIB
         assert upstream.ready()  # the end is in
         assert await upstream.read_chunk() == b""
+
+
+def test_only_the_aiohttp_minor_version_it_was_written_for_is_taken_over() -> None:
+    assert written_for("3.14.0") and written_for("3.14.5")
+    assert not written_for("3.13.2") and not written_for("3.15.0") and not written_for("4.0.0a1")
+
+
+async def test_under_another_aiohttp_every_body_stays_with_the_parser(
+    origin: Origin, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(direct_body, "DIRECT_BODIES", False)
+    origin.media("/a.ts", BODY)
+    for _ in range(2):
+        async with session.get(f"{origin.url}/a.ts") as response:
+            protocol = handler_of(response)
+            assert await response.read() == BODY
+        assert protocol.direct_bytes == 0
