@@ -10,7 +10,6 @@ wait for a later turn, and the loop runs its timers and other work in between.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 
 class TurnBudget:
@@ -19,19 +18,14 @@ class TurnBudget:
     Counted in items, not time: the count is what grows with the work that became ready at
     once, and a count does not mistake a busy machine (the process waiting for its core) for
     work of its own.
-
-    Takers past the budget wait in :meth:`next`, in the order they came; each turn wakes as many
-    of them as the turn has items (each counts when it takes one), the rest stay asleep. (An
-    event woken for all made every waiter run a step each turn only to wait again: with 500
-    bodies in flight, ~370 task steps a turn for nothing.)
     """
 
-    __slots__ = ("_new_turn", "_per_turn", "_taken", "_waiters")
+    __slots__ = ("_new_turn", "_next", "_per_turn", "_taken")
 
     def __init__(self, per_turn: int) -> None:
         self._per_turn = per_turn
         self._taken = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._next = asyncio.Event()
         self._new_turn: asyncio.Handle | None = None
 
     def take(self) -> bool:
@@ -39,7 +33,9 @@ class TurnBudget:
         :meth:`next` before taking another)."""
         if not self._per_turn:
             return False
-        self._end_turn_soon()
+        if self._new_turn is None:
+            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
+            self._new_turn = asyncio.get_running_loop().call_soon(self._end)
         self._taken += 1
         return self._taken >= self._per_turn
 
@@ -48,31 +44,15 @@ class TurnBudget:
         return bool(self._per_turn) and self._taken >= self._per_turn
 
     async def next(self) -> None:
-        """Wait for a turn with an item left for this caller (counted when the caller takes it)."""
-        if not self.exhausted():
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._end_turn_soon()
-        await waiter
-
-    def _end_turn_soon(self) -> None:
-        if self._new_turn is None:
-            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
-            self._new_turn = asyncio.get_running_loop().call_soon(self._end)
+        """Wait for a turn with items left."""
+        while self._per_turn and self._taken >= self._per_turn:
+            await self._next.wait()
 
     def _end(self) -> None:
-        self._new_turn = None
         self._taken = 0
-        waiters = self._waiters
-        woken = 0
-        while waiters and woken < self._per_turn:
-            waiter = waiters.popleft()
-            if not waiter.done():  # a cancelled waiter is skipped
-                waiter.set_result(None)
-                woken += 1
-        if waiters:
-            self._end_turn_soon()
+        self._new_turn = None
+        done, self._next = self._next, asyncio.Event()
+        done.set()
 
 
 class TurnMark:

@@ -44,36 +44,6 @@ async def test_at_most_per_turn_takers_go_on_in_one_turn(per_turn: int, takers: 
     assert len(started) >= -(-takers // per_turn)  # spread over that many turns at least
 
 
-async def test_waiters_go_on_in_order_as_many_a_turn_as_it_has_items() -> None:
-    loop = asyncio.get_running_loop()
-    turn = 0
-
-    def tick() -> None:
-        nonlocal turn
-        turn += 1
-        if pending:
-            loop.call_soon(tick)
-
-    budget = TurnBudget(3)
-    went_on: list[tuple[int, int]] = []
-
-    async def taker(number: int) -> None:
-        # As a body's reader takes a chunk: counted first, then a wait when it was the last.
-        if budget.take():
-            await budget.next()
-        went_on.append((number, turn))
-
-    pending = [asyncio.ensure_future(taker(n)) for n in range(10)]
-    loop.call_soon(tick)
-    await asyncio.sleep(0)  # all ten took in one turn: 0 and 1 went on, 2 to 9 wait
-    pending[5].cancel()  # a cancelled waiter takes no later turn's item
-    await asyncio.gather(*pending, return_exceptions=True)
-    pending = []
-    assert [number for number, _ in went_on] == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # in order
-    turns = sorted(Counter(at for _, at in went_on).items())
-    assert [count for _, count in turns] == [2, 3, 3, 1]  # never more than 3 a turn
-
-
 async def test_no_limit_lets_everyone_go_on_in_the_same_turn() -> None:
     started = await _starts_by_turn(0, 50)
     assert list(started.values()) == [50]
