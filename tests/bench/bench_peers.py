@@ -1382,8 +1382,8 @@ class Report:
         where = sorted({number for number, r in runs if r["stalls"]})
         return (
             label,
-            f"{stalls:.0f} samples over {LAG_LIMIT_MS:g} ms (cases "
-            f"{', '.join(map(str, where))}); {longest}",
+            f"{stalls:.0f} samples over {LAG_LIMIT_MS:g} ms "
+            f"({'case' if len(where) == 1 else 'cases'} {', '.join(map(str, where))}); {longest}",
             "**no**",
         )
 
