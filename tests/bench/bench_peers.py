@@ -1382,7 +1382,7 @@ class Report:
         where = sorted({number for number, r in runs if r["stalls"]})
         return (
             label,
-            f"{stalls:.0f} samples over {LAG_LIMIT_MS:g} ms "
+            f"{stalls:.0f} sample{'' if stalls == 1 else 's'} over {LAG_LIMIT_MS:g} ms "
             f"({'case' if len(where) == 1 else 'cases'} {', '.join(map(str, where))}); {longest}",
             "**no**",
         )
