@@ -56,13 +56,16 @@ class DirectBodyHandler(ResponseHandler):
         self.direct_bytes = 0
         """Body bytes this connection fed without the parser, all answers together (tests)."""
 
-    def set_response_params(self, *, auto_decompress: bool = True, **kwargs: Any) -> None:
+    def set_response_params(self, **kwargs: Any) -> None:
         self._body_length = 0
         self._direct = False
-        self._decompress = auto_decompress
-        super().set_response_params(auto_decompress=auto_decompress, **kwargs)
+        self._decompress = bool(kwargs.get("auto_decompress", True))
+        super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
+        if not DIRECT_BODIES:
+            super().data_received(data)  # another aiohttp: none of its private attributes read
+            return
         if data and self._body_length and (self._direct or not self._reading_paused):
             # Not while paused: then the parser may still hold bytes of this body back.
             self._feed(data)
@@ -107,8 +110,6 @@ class DirectBodyHandler(ResponseHandler):
     def _plain_length(self) -> int:
         """The length of the body just begun, if this protocol may feed it; else 0."""
         payload = self._payload
-        if not DIRECT_BODIES:
-            return 0
         if type(payload) is not StreamReader or payload.is_eof() or not self._buffer:
             return 0
         (message, queued), _size = self._buffer[-1]
