@@ -34,6 +34,7 @@ from python_socks import ProxyType
 from python_socks.async_.asyncio.v2 import Proxy
 from yarl import URL
 
+from proxy.upstream import direct_body
 from proxy.upstream.direct_body import DirectBodyHandler
 
 if TYPE_CHECKING:
@@ -92,9 +93,11 @@ class UpstreamConnector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # The protocol factory aiohttp's connector dials with (its TLS connections too).
-        factory: Callable[..., ResponseHandler] = DirectBodyHandler
-        self._factory = functools.partial(factory, loop=self._loop)
+        if direct_body.DIRECT_BODIES:
+            # The protocol factory aiohttp's connector dials with (its TLS connections too); a
+            # private attribute, so only under the aiohttp the handler was written for.
+            factory: Callable[..., ResponseHandler] = DirectBodyHandler
+            self._factory = functools.partial(factory, loop=self._loop)
 
 
 class TunnelConnector(UpstreamConnector):

@@ -249,3 +249,17 @@ async def test_under_another_aiohttp_every_body_stays_with_the_parser(
             protocol = handler_of(response)
             assert await response.read() == BODY
         assert protocol.direct_bytes == 0
+
+
+async def test_under_another_aiohttp_the_connector_dials_with_aiohttps_own_protocol(
+    origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(direct_body, "DIRECT_BODIES", False)
+    origin.media("/a.ts", BODY)
+    async with (
+        aiohttp.ClientSession(connector=UpstreamConnector(limit=1)) as client,
+        client.get(f"{origin.url}/a.ts") as response,
+    ):
+        assert response.connection is not None
+        assert not isinstance(response.connection.protocol, DirectBodyHandler)
+        assert await response.read() == BODY
