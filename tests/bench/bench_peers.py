@@ -1293,6 +1293,23 @@ def run_memory(bench: Bench, rounds: int) -> Case:
 # -- the whole run -----------------------------------------------------------------------------
 
 
+def round_ratios(case: Case | None, key: str, name: str, peer: str) -> Spread | None:
+    """``name``'s figure over ``peer``'s, round by round (each round times both, interleaved).
+
+    The median ratio says where hlsrelay stands; these say how far one run of the machine's
+    drift can move it. None unless both have the figure in every round.
+    """
+    if case is None or name not in case.outcomes or peer not in case.outcomes:
+        return None
+    mine, theirs = case.outcomes[name], case.outcomes[peer]
+    if mine.failure or theirs.failure or len(mine.rounds) != len(theirs.rounds):
+        return None
+    pairs = [(a.get(key), b.get(key)) for a, b in zip(mine.rounds, theirs.rounds, strict=True)]
+    if not pairs or any(a is None or not b for a, b in pairs):
+        return None
+    return Spread.of([a / b for a, b in pairs if a is not None and b])
+
+
 @dataclass
 class Report:
     bench: Bench
@@ -1319,9 +1336,11 @@ class Report:
                 rows.append((f"{label} ≥ {want:g}x", f"n/a ({why} failed the case)", "—"))
                 return
             value = mine / theirs
-            rows.append(
-                (f"{label} ≥ {want:g}x", f"{value:.2f}x", "yes" if value >= want else "**no**")
-            )
+            measured = f"{value:.2f}x"
+            each = round_ratios(self.case(case), key, HLSRELAY, peer)
+            if each is not None:
+                measured += f" (rounds {each.low:.2f}-{each.high:.2f}x)"
+            rows.append((f"{label} ≥ {want:g}x", measured, "yes" if value >= want else "**no**"))
 
         ratio("case 1 segment throughput vs nginx default buffering", 1, "mb_s", NGINX_DEFAULT, 1.0)
         ratio("case 1 segment throughput vs nginx in-memory buffers", 1, "mb_s", NGINX_MEMORY, 0.8)

@@ -6,7 +6,15 @@ import math
 from pathlib import Path
 
 from tests.bench.__main__ import PEERS_END, PEERS_HEADING, PEERS_START, update_readme
-from tests.bench.bench_peers import loop_lag_buckets, loop_lag_figures, playlist, playlist_uris
+from tests.bench.bench_peers import (
+    Case,
+    Outcome,
+    loop_lag_buckets,
+    loop_lag_figures,
+    playlist,
+    playlist_uris,
+    round_ratios,
+)
 
 
 def test_readme_block_is_created_once_then_replaced_in_place(tmp_path: Path) -> None:
@@ -64,3 +72,18 @@ def test_loop_lag_figures_from_two_readings_of_the_histogram() -> None:
     stalled = {edge: n + more[edge] for edge, n in quiet.items()}
     assert loop_lag_figures(quiet, stalled) == {"lag_max_ms": 100.0, "stalls": 2}
     assert loop_lag_figures(stalled, stalled) == {}  # no sample: nothing to say
+
+
+def test_round_ratios_pair_each_round_with_the_peers_same_round() -> None:
+    case = Case(1, "relay", "", [])
+    case.outcomes["a"] = Outcome(rounds=[{"mb_s": 100.0}, {"mb_s": 90.0}, {"mb_s": 120.0}])
+    case.outcomes["b"] = Outcome(rounds=[{"mb_s": 100.0}, {"mb_s": 60.0}, {"mb_s": 150.0}])
+    each = round_ratios(case, "mb_s", "a", "b")
+    assert each is not None
+    assert (each.low, each.median, each.high, each.rounds) == (0.8, 1.0, 1.5, 3)
+    # Medians alone would say 100 / 100: the rounds say one run moved it from 0.8x to 1.5x.
+    case.outcomes["c"] = Outcome(failure="wrong bytes")
+    assert round_ratios(case, "mb_s", "a", "c") is None  # a failed peer has no rounds to pair
+    case.outcomes["d"] = Outcome(rounds=[{"mb_s": 100.0}])
+    assert round_ratios(case, "mb_s", "a", "d") is None  # rounds that do not pair up
+    assert round_ratios(case, "rps", "a", "b") is None  # a figure the rounds lack
