@@ -114,7 +114,7 @@ def _tag_name(line: bytes, hash_at: int) -> tuple[bytes, int]:
 
 
 class _PlaylistRewriter:
-    """One pass over one playlist. Tag handlers are looked up by exact tag name."""
+    """One pass over one playlist. Tag handlers are looked up by exact tag name (_TAG_HANDLERS)."""
 
     def __init__(
         self,
@@ -146,14 +146,6 @@ class _PlaylistRewriter:
         self.part_target: float | None = None
         self.endlist = False
         self.playlist_type: str | None = None
-        self._handlers: dict[bytes, Callable[[bytes, int], bytes | None]] = {
-            _VARIANT_STREAM_TAG: self._variant_stream,
-            _DEFINE_TAG: self._define,
-            b"EXT-X-TARGETDURATION": self._target_duration,
-            b"EXT-X-PART-INF": self._part_inf,
-            b"EXT-X-ENDLIST": self._endlist,
-            b"EXT-X-PLAYLIST-TYPE": self._playlist_type,
-        }
 
     @property
     def variables(self) -> Mapping[str, str]:
@@ -364,9 +356,9 @@ class _PlaylistRewriter:
         """A tag or comment line; None drops it."""
         colon = line.find(b":", hash_at)
         name = line[hash_at + 1 : colon] if colon >= 0 else line[hash_at + 1 :].rstrip()
-        handler = self._handlers.get(name)
+        handler = _TAG_HANDLERS.get(name)
         if handler is not None:
-            return handler(line, colon)
+            return handler(self, line, colon)
         rule = _URI_RULES.get(name)
         if rule is not None:
             if rule.multivariant:
@@ -490,6 +482,19 @@ class _PlaylistRewriter:
             value = line[colon + 1 :].strip().decode("ascii", "replace").upper()
             self.playlist_type = value if value in _PLAYLIST_TYPES else None
         return line
+
+
+# Tag handlers by exact tag name, as plain functions of the class: a dict of bound methods on
+# each rewriter would make it a reference cycle (rewriter -> dict -> method -> rewriter), left
+# with its whole playlist for the garbage collector instead of freed when the rewrite returns.
+_TAG_HANDLERS: Final[Mapping[bytes, Callable[[_PlaylistRewriter, bytes, int], bytes | None]]] = {
+    _VARIANT_STREAM_TAG: _PlaylistRewriter._variant_stream,
+    _DEFINE_TAG: _PlaylistRewriter._define,
+    b"EXT-X-TARGETDURATION": _PlaylistRewriter._target_duration,
+    b"EXT-X-PART-INF": _PlaylistRewriter._part_inf,
+    b"EXT-X-ENDLIST": _PlaylistRewriter._endlist,
+    b"EXT-X-PLAYLIST-TYPE": _PlaylistRewriter._playlist_type,
+}
 
 
 def _evaluate_defines(

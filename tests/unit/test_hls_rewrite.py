@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import gc
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -480,3 +481,29 @@ def test_the_first_target_duration_counts_and_number_formats_are_lenient() -> No
 def test_playlist_type_is_vod_event_or_none(value: bytes, expected: str | None) -> None:
     _, info, _ = rewrite(b"#EXTM3U\n#EXT-X-PLAYLIST-TYPE:" + value + b"\n")
     assert info.playlist_type == expected
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_collector")
+def test_a_rewrite_leaves_no_reference_cycle_behind() -> None:
+    # Whatever a rewrite built is freed when it returns, not left (with its playlist) for the
+    # garbage collector: every tag with a handler, a variable, a variant and its URI.
+    body = (
+        b'#EXTM3U\n#EXT-X-DEFINE:NAME="v",VALUE="x"\n#EXT-X-TARGETDURATION:6\n'
+        b"#EXT-X-PART-INF:PART-TARGET=1.0\n#EXT-X-PLAYLIST-TYPE:VOD\n"
+        b'#EXT-X-KEY:METHOD=AES-128,URI="k{$v}.bin"\n#EXTINF:6,\nseg1.ts\n'
+        b"#EXT-X-STREAM-INF:BANDWIDTH=1\nlow/index.m3u8\n#EXT-X-ENDLIST\n"
+    )
+    output, info, recorder = rewrite(body)
+    assert b"/p/MEDIA/" in output and b"/p/KEY/" in output
+    assert info.endlist and info.target_duration == 6 and len(recorder.calls) == 3
+    assert gc.collect() == 0  # nothing unreachable: no cycle was made
