@@ -68,13 +68,18 @@ class TurnMark:
 
     def __init__(self) -> None:
         self._turned = False
-        self._handle = asyncio.get_running_loop().call_soon(self._mark)
+        self._handle: asyncio.Handle | None = asyncio.get_running_loop().call_soon(self._mark)
 
     def _mark(self) -> None:
         self._turned = True
+        # The handle holds this mark's method: kept, the two would be a reference cycle (with
+        # the task's context in it) left for the garbage collector, one per relayed chunk.
+        self._handle = None
 
     def passed(self) -> bool:
         """True once the loop has turned; if not yet, the mark is dropped (call once)."""
-        if not self._turned:
-            self._handle.cancel()
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()  # a cancelled handle lets go of its callback: no cycle either
+            self._handle = None
         return self._turned

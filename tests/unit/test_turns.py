@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 
 import pytest
@@ -60,3 +61,30 @@ async def test_a_turn_mark_tells_whether_the_loop_turned_since() -> None:
     assert not mark.passed()  # nothing waited: the caller yields itself
     await asyncio.sleep(0)
     assert ran == [1] and not mark.passed()  # the dropped mark never fires later
+
+
+def _reaches(start: object, target: object, depth: int = 6) -> bool:
+    """Whether ``target`` is reachable from ``start`` through references (a cycle if same)."""
+    seen: set[int] = set()
+    frontier = gc.get_referents(start)
+    for _ in range(depth):
+        following = []
+        for item in frontier:
+            if item is target:
+                return True
+            if id(item) not in seen:
+                seen.add(id(item))
+                following.extend(gc.get_referents(item))
+        frontier = following
+    return False
+
+
+async def test_a_turn_mark_is_in_no_reference_cycle_whether_it_fired_or_was_dropped() -> None:
+    # One is made per relayed chunk: in a cycle (mark -> handle -> method -> mark) each would
+    # wait, with its task's context, for the garbage collector.
+    fired = TurnMark()
+    assert _reaches(fired, fired)  # pending: the loop holds it, and it its handle
+    await asyncio.sleep(0)
+    assert fired.passed() and not _reaches(fired, fired)
+    dropped = TurnMark()
+    assert not dropped.passed() and not _reaches(dropped, dropped)
