@@ -74,8 +74,9 @@ class BodySource(Protocol):
     @property
     def head(self) -> BodyHead: ...
 
-    def read_chunk(self) -> Awaitable[bytes]:
-        """The next bytes of the body as they arrive, b"" at its end; raises the project's errors
+    def read_chunk(self) -> Awaitable[bytes | memoryview]:
+        """The next bytes of the body as they arrive (bytes-like: a view of the body's memory
+        when the upstream's reads go straight into it), b"" at its end; raises the project's errors
         when it fails or is cut short. Cancelling a caller leaves the body readable by the next
         call."""
         ...
@@ -95,7 +96,7 @@ class BodySource(Protocol):
 
 
 Opener = Callable[[], Awaitable[BodySource]]
-OnComplete = Callable[[BodyHead, tuple[bytes, ...]], Awaitable[None]]
+OnComplete = Callable[[BodyHead, tuple[bytes | memoryview, ...]], Awaitable[None]]
 """Gets a whole body as the chunks it arrived in (joined by whoever needs one ``bytes``)."""
 FirstWrite = Callable[[memoryview], Coroutine[Any, Any, int]]
 """Writes a reader's first bytes from the body's first chunk; returns how many it took."""
@@ -197,7 +198,7 @@ class SharedBody:
         self._meter = meter if meter is not None else _Meter()
         self._counted = 0  # bytes of this body in the meter
         self._pumped = False  # the pump is over: nothing more will arrive
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._first = 0  # absolute index of _chunks[0] (chunks before it were dropped)
         self._unread_from = 0  # byte offset of _chunks[0]
         self.size = 0
@@ -274,7 +275,7 @@ class SharedBody:
             return reader._skip
         return taken
 
-    async def _next(self, reader: BodyReader) -> bytes | None:
+    async def _next(self, reader: BodyReader) -> bytes | memoryview | None:
         while True:
             position = self._readers[reader]
             index = position - self._first
@@ -353,7 +354,7 @@ class SharedBody:
         more, self._more = self._more, asyncio.Event()
         more.set()
 
-    def _append(self, chunk: bytes) -> None:
+    def _append(self, chunk: bytes | memoryview) -> None:
         self._chunks.append(chunk)
         self.size += len(chunk)
         self._meter.held += len(chunk)
@@ -362,7 +363,7 @@ class SharedBody:
             self._write_firsts(chunk)
         self._wake()
 
-    def _write_firsts(self, chunk: bytes) -> None:
+    def _write_firsts(self, chunk: bytes | memoryview) -> None:
         """Run the first write of every reader waiting for this, the body's first chunk."""
         writes, self._first_writes = self._first_writes, {}
         view = memoryview(chunk)
@@ -403,7 +404,7 @@ class SharedBody:
                 answer.future.set_exception(error)
         self._wake()
 
-    def parts(self) -> tuple[bytes, ...]:
+    def parts(self) -> tuple[bytes | memoryview, ...]:
         """The whole body as the chunks it arrived in (no copy of their bytes)."""
         return tuple(self._chunks)
 
@@ -613,7 +614,7 @@ class SharedBodies:
         body._feed = None
         self._tasks.spawn(self._pump(body, feed), name="shared-body")
 
-    def _took(self, body: SharedBody, feed: _Feed, chunk: bytes) -> None:
+    def _took(self, body: SharedBody, feed: _Feed, chunk: bytes | memoryview) -> None:
         """A chunk read from the upstream: to the readers; spilled if too big, or memory short."""
         body._append(chunk)
         if not body.spilled:

@@ -149,12 +149,12 @@ _Entry = tuple[Any, ...]
 # stream) is never copied. Joining every 2 MiB body as it completed took ~6 % of the CPU of a
 # segment relay (bench_peers case 1), its fresh memory faulted in page by page.
 _PARTS = "hlsrelay:parts"
-Parts = tuple[bytes, ...]
-"""A body as the chunks it arrived in."""
+Parts = tuple[bytes | memoryview, ...]
+"""A body as the chunks it arrived in (views of the body's memory when read straight into it)."""
 
 
 def _pack_parts(
-    parts: tuple[bytes, ...],
+    parts: Parts,
     headers: tuple[tuple[str, str], ...],
     stored_at: float,
     fresh_for: float,
@@ -261,7 +261,7 @@ class LruMemoryCache(BaseCache):  # type: ignore[misc]
     def put_parts(
         self,
         key: str,
-        parts: tuple[bytes, ...],
+        parts: Parts,
         headers: tuple[tuple[str, str], ...],
         stored_at: float,
         ttl: float,

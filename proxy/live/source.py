@@ -70,7 +70,7 @@ class PacketAligner:
         self._searched = 0
         self._head = b""
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         buffer = self._buffer + data
         if len(self._head) < 64:
             self._head += data[: 64 - len(self._head)]
@@ -210,7 +210,7 @@ class SourceReader:
                 if packets:
                     yield packets
 
-    async def _http(self, url: str) -> AsyncGenerator[bytes, None]:
+    async def _http(self, url: str) -> AsyncGenerator[bytes | memoryview, None]:
         response = await self._client.open(
             url,
             dict(self.source.headers),

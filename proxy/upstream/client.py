@@ -57,7 +57,13 @@ from proxy.settings import ProxiesSettings, UpstreamSettings
 from proxy.upstream.breaker import CircuitBreakers
 from proxy.upstream.guard import DestinationGuard
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
-from proxy.upstream.receive import UNBUDGETED_KINDS, BodyFit, ReceiveBudget
+from proxy.upstream.receive import (
+    MAX_BODY_READ_BYTES,
+    UNBUDGETED_KINDS,
+    BodyFit,
+    ReceiveBudget,
+    set_read_size,
+)
 from proxy.upstream.routing import Route, Router
 from proxy.upstream.transport import ProxyFailure, TunnelRefused
 
@@ -134,12 +140,16 @@ class UpstreamResponse:
         """The first bytes of the body as they arrive (b"" at end of body)."""
         with self._body_errors():
             chunk = await self.raw.content.readany()
+        if not isinstance(chunk, bytes):
+            # A view of the body's memory (DirectBodyHandler): callers look into it with bytes'
+            # methods. One copy, of one chunk, per body.
+            chunk = bytes(chunk)
         self.taken += len(chunk)
         if self.received is not None:
             self.received.inc(len(chunk))
         return chunk
 
-    async def read_chunk(self) -> bytes:
+    async def read_chunk(self) -> bytes | memoryview:
         """The next bytes of the body as they arrive (b"" at end of body), errors mapped.
 
         A plain call, not a generator: cancelling the task that awaits it leaves the body
@@ -177,7 +187,7 @@ class UpstreamResponse:
             content.total_bytes > self.taken or content.is_eof() or content.exception() is not None
         )
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncIterator[bytes | memoryview]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         while chunk := await self.read_chunk():
             yield chunk
@@ -205,7 +215,7 @@ class UpstreamResponse:
         declared = self.raw.content_length
         if declared is not None and declared > cap and not self.raw.headers.get("Content-Encoding"):
             raise PlaylistTooLarge(f"playlist is larger than upstream.max_playlist_bytes ({cap})")
-        parts = [head] if head else []
+        parts: list[bytes | memoryview] = [head] if head else []
         size = len(head)
         async for chunk in self.iter_chunks():
             size += len(chunk)
@@ -586,6 +596,8 @@ class UpstreamClient:
                 # Fitted now, when the bodies requested meanwhile count too, and again as
                 # others come and go.
                 fit = BodyFit(budget, raw, kind) if read_bufsize is not None else None
+                if fit is None and kind not in UNBUDGETED_KINDS:
+                    set_read_size(raw, MAX_BODY_READ_BYTES)  # no budget: reads as big as come
                 return UpstreamResponse(
                     raw=raw,
                     final_url=str(target),

@@ -124,7 +124,7 @@ class _UpstreamBody:
         self._response = response
         self.head = head
 
-    def read_chunk(self) -> Awaitable[bytes]:
+    def read_chunk(self) -> Awaitable[bytes | memoryview]:
         return self._response.read_chunk()
 
     def ready(self) -> bool:
@@ -611,7 +611,7 @@ class StreamRelay:
     def _media_storer(self, key: str, ttl: float) -> OnComplete:
         store = self.cache.store
 
-        async def on_complete(head: BodyHead, parts: tuple[bytes, ...]) -> None:
+        async def on_complete(head: BodyHead, parts: tuple[bytes | memoryview, ...]) -> None:
             if head.status != 200 or not head.storable:
                 return
             if head.length is not None and head.length != sum(map(len, parts)):

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
+import uvloop
+from aiohttp import web
 
 from proxy.upstream import direct_body
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.direct_body import DIRECT_BODIES, DirectBodyHandler, written_for
+from proxy.upstream.receive import set_read_size
 from proxy.upstream.transport import UpstreamConnector
+from tests.integration.test_tunnel_tls import make_cert
 from tests.origin import Origin
 
 MIB = 1024 * 1024
@@ -123,6 +129,86 @@ async def test_a_slow_reader_gets_every_byte_through_flow_control(origin: Origin
                 await asyncio.sleep(0.005)  # the socket fills; reading is paused and resumed
         assert bytes(got) == BODY
         assert protocol.direct_bytes > len(BODY) // 2
+
+
+async def read_in_blocks() -> None:
+    """A body read with reads of up to 1 MiB: read into blocks of its own, never past its end."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(len(BODY)), BODY[: MIB // 2], BODY[MIB // 2 :])
+
+    async with (
+        RawOrigin(answer) as raw,
+        aiohttp.ClientSession(connector=UpstreamConnector(limit=1)) as session,
+        session.get(raw.url) as response,
+    ):
+        protocol = handler_of(response)
+        set_read_size(response, MIB)  # before the body's first read: the head came alone
+        chunks: list[bytes | memoryview] = []
+        while chunk := (await response.content.readchunk())[0]:
+            chunks.append(chunk)
+    assert b"".join(chunks) == BODY
+    assert all(isinstance(chunk, memoryview) for chunk in chunks)  # read where they stay
+    assert protocol.direct_bytes == len(BODY)
+    blocks = {id(view.obj): view.obj for view in chunks if isinstance(view, memoryview)}
+    sizes = sorted(len(block) for block in blocks.values())  # type: ignore[arg-type]
+    assert sum(sizes) == len(BODY)  # the blocks tile the body: nothing read past its end
+    assert sizes[-1] == MIB  # as big as the read size allowed
+
+
+@taken_over
+async def test_a_body_is_read_into_blocks_of_its_own() -> None:
+    await read_in_blocks()
+
+
+@taken_over
+def test_a_body_is_read_into_blocks_of_its_own_under_uvloop() -> None:
+    # The proxy's event loop (the tests run on asyncio's): it picks the buffered read path by
+    # the protocol's class, so this is the one that says the handler is a buffered protocol.
+    uvloop.run(read_in_blocks())
+
+
+async def read_over_tls(tmp: Path) -> None:
+    """Bodies from an HTTPS origin: the TLS layer decrypts straight into the body's blocks."""
+    cert, key = make_cert(tmp, "localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def segment(request: web.Request) -> web.Response:
+        return web.Response(body=BODY)
+
+    app = web.Application()
+    app.router.add_get("/a.ts", segment)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    connector = UpstreamConnector(limit=1, ssl=ssl.create_default_context(cafile=str(cert)))
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(2):  # the second on the same connection
+                async with session.get(f"https://localhost:{port}/a.ts") as response:
+                    protocol = handler_of(response)
+                    set_read_size(response, MIB)
+                    chunks: list[bytes | memoryview] = []
+                    while chunk := (await response.content.readchunk())[0]:
+                        chunks.append(chunk)
+                assert b"".join(chunks) == BODY
+                assert any(isinstance(chunk, memoryview) for chunk in chunks)
+        assert protocol.direct_bytes > len(BODY)  # most of both bodies went into blocks
+    finally:
+        await runner.cleanup()
+
+
+@taken_over
+async def test_tls_bodies_are_read_into_blocks_too(tmp_path: Path) -> None:
+    await read_over_tls(tmp_path)
+
+
+@taken_over
+def test_tls_bodies_are_read_into_blocks_too_under_uvloop(tmp_path: Path) -> None:
+    uvloop.run(read_over_tls(tmp_path))
 
 
 async def test_chunked_and_decompressed_bodies_stay_with_the_parser(

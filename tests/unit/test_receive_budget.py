@@ -5,9 +5,12 @@ from __future__ import annotations
 import socket
 
 import aiohttp
+import pytest
 
 from proxy.upstream.client import UpstreamResponse
+from proxy.upstream.direct_body import DEFAULT_READ_BYTES, DIRECT_BODIES, DirectBodyHandler
 from proxy.upstream.receive import (
+    MAX_BODY_READ_BYTES,
     MAX_READ_BUFFER_BYTES,
     MIN_READ_BUFFER_BYTES,
     MIN_RECEIVE_BUFFER_BYTES,
@@ -18,6 +21,7 @@ from proxy.upstream.receive import (
     ReceiveBudget,
     set_read_limit,
 )
+from proxy.upstream.transport import UpstreamConnector
 from tests.origin import Origin
 
 MIB = 1024 * 1024
@@ -48,6 +52,47 @@ def test_a_zero_budget_limits_nothing() -> None:
     for _ in range(1000):
         budget.opened()
     assert budget.share("media") is None
+
+
+def test_a_read_takes_up_to_the_share_when_it_is_not_limited() -> None:
+    budget = ReceiveBudget(64 * MIB)
+    closers = [budget.opened() for _ in range(64)]
+    assert budget.read_size(None) == MIB  # 64 segments at once: a sixty-fourth each
+    closers += [budget.opened() for _ in range(64)]
+    assert budget.read_size(None) == UNLIMITED_SHARE_BYTES
+    for closed in closers[16:]:
+        closed()
+    assert budget.read_size(None) == MAX_BODY_READ_BYTES  # 4 MiB each: at most 2 MiB a read
+    # A limited share reads what its read buffer holds, never less than the smallest.
+    assert budget.read_size(256 * 1024) == 256 * 1024 // SHARE_PARTS
+    assert budget.read_size(MIN_SHARE_BYTES) == MIN_READ_BUFFER_BYTES
+    assert ReceiveBudget(0).read_size(None) == MAX_BODY_READ_BYTES  # no budget, no limit
+
+
+@pytest.mark.skipif(not DIRECT_BODIES, reason="another aiohttp minor version: no reads into bodies")
+async def test_fit_sets_how_much_one_read_takes_into_the_body(origin: Origin) -> None:
+    origin.media("/seg.ts", b"\x47" * 4 * MIB)
+    budget = ReceiveBudget(64 * MIB)
+    closers = [budget.opened() for _ in range(64)]
+    async with aiohttp.ClientSession(connector=UpstreamConnector(limit=1)) as session:
+        async with session.get(f"{origin.url}/seg.ts") as raw:
+            assert raw.connection is not None
+            protocol = raw.connection.protocol
+            assert isinstance(protocol, DirectBodyHandler)
+            assert protocol.read_size == DEFAULT_READ_BYTES  # until the share is known
+            fit = BodyFit(budget, raw, "media")
+            assert fit.share is None and protocol.read_size == MIB
+            closers += [budget.opened() for _ in range(436)]
+            assert fit.check() and fit.share is not None
+            assert protocol.read_size == fit.share // SHARE_PARTS
+            assert len(await raw.read()) == 4 * MIB
+        # The next request on the connection starts from the default again.
+        async with session.get(f"{origin.url}/seg.ts") as again:
+            assert again.connection is not None and again.connection.protocol is protocol
+            assert protocol.read_size == DEFAULT_READ_BYTES
+            assert len(await again.read()) == 4 * MIB
+    for closed in closers:
+        closed()
 
 
 async def test_fit_shrinks_the_receive_buffer_and_gives_it_back(origin: Origin) -> None:
