@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import json
 import logging
@@ -56,6 +57,35 @@ def _parser() -> argparse.ArgumentParser:
 GC_THRESHOLDS = (3_000, 3, 100)
 
 
+# glibc's allocator while serving: blocks up to this size come from the heap, and up to the trim
+# threshold of free memory at the heap's top is kept for the next blocks instead of being given
+# back. Upstream bodies are read into blocks of up to 2 MiB (proxy/upstream/direct_body.py);
+# under glibc's own adaptive thresholds (they start at 128 KiB, move with every large free, and
+# trim the top at twice the mmap threshold) those blocks kept switching between fresh mmaps and a
+# trimmed heap: 13-128 page faults per 2 MiB segment relayed, where these settings give 0-4, and
+# bench_peers case 1 (64 segment downloads, a fresh process) 1,190 MB/s against 1,443 with them.
+# The trim threshold is what an idle process may hold beyond its live memory.
+MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt() parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> bool:
+    """Set glibc's allocator thresholds for serving; False (nothing changed) under another C
+    library, where these parameters mean something else or nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: present there, nowhere else
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 async def tune_gc(app: web.Application) -> None:
     """Keep the garbage collector's pauses out of a crowd's first bytes.
 
@@ -84,6 +114,7 @@ def _serve(settings: Settings) -> int:
         loop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = asyncio.new_event_loop()
+    tune_malloc()
     app = create_app(settings)
     app.on_startup.append(tune_gc)  # after every cleanup_ctx has made its state
     logging.getLogger("hlsrelay").info(

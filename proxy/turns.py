@@ -28,15 +28,15 @@ class TurnBudget:
         self._next = asyncio.Event()
         self._new_turn: asyncio.Handle | None = None
 
-    def take(self) -> bool:
-        """Count an item taken now; True when this turn's items are all taken (then wait for
+    def take(self, items: int = 1) -> bool:
+        """Count ``items`` taken now; True when this turn's items are all taken (then wait for
         :meth:`next` before taking another)."""
         if not self._per_turn:
             return False
         if self._new_turn is None:
             # Callbacks queued now run in the loop's next batch: that is where the turn ends.
             self._new_turn = asyncio.get_running_loop().call_soon(self._end)
-        self._taken += 1
+        self._taken += items
         return self._taken >= self._per_turn
 
     def exhausted(self) -> bool:

@@ -28,8 +28,11 @@ All pumps together take at most ``turn_chunks`` chunks per turn of the event loo
 (:class:`~proxy.turns.TurnBudget`); past it they wait for the next turn, so hundreds of bodies
 relayed at once never hold up every other request for the length of one chunk each: with
 viewers whose socket buffers take all they are given, one turn relayed a chunk for each of 500
-bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). 64 fast downloads take
-at most ~90 chunks a turn, big ones, and are never held back.
+bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). A chunk counts once per
+:data:`TURN_CHUNK_BYTES` it holds (started): upstream reads of up to 1 MiB
+(:mod:`proxy.upstream.receive`) made 64 fast downloads relay up to 64 MiB in a turn, and turns of
+25-45 ms, some past 50, where 256 KiB chunks had made 10-20 ms; counted by size they take about
+16 MiB a turn (fewer turns over 25 ms by three quarters, the bigger reads' CPU saving kept).
 
 A crowd waiting for a body is let go by the pump itself: each waiting reader may hand it a
 *first answer* (:meth:`BodyReader.first_bytes`): a *prepare*, run when the upstream headers
@@ -54,6 +57,15 @@ from typing import Any, Generic, Protocol, TypeVar
 from proxy.cache.tasks import BackgroundTasks
 from proxy.errors import HlsRelayError, UpstreamUnreachable
 from proxy.turns import TurnBudget
+
+TURN_CHUNK_BYTES = 128 * 1024
+"""A chunk counts against the turn budget once per this many bytes it holds (started)."""
+
+
+def turn_items(size: int) -> int:
+    """What a chunk of ``size`` bytes counts against the turn budget: 1 per
+    :data:`TURN_CHUNK_BYTES` started, at least 1."""
+    return max(1, -(-size // TURN_CHUNK_BYTES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,7 +654,7 @@ class SharedBodies:
             self._took(body, feed, chunk)
         if body.spilled:
             body._drop_passed()  # its reader has passed all but this chunk: nothing to wait for
-        if self._turn.take():
+        if self._turn.take(turn_items(len(chunk))):
             await self._turn.next()
 
     async def _pump(self, body: SharedBody, feed: _Feed, *, begin: bool = False) -> None:
@@ -669,7 +681,7 @@ class SharedBodies:
                         complete = True
                         break
                     self._took(body, feed, chunk)
-                    if turn.take():
+                    if turn.take(turn_items(len(chunk))):
                         await turn.next()
             except HlsRelayError as exc:
                 body._fail(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import platform
 import re
 import types
 from pathlib import Path
@@ -197,6 +198,8 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
 
     served: list[tuple[web.Application, dict[str, Any]]] = []
     monkeypatch.setattr(proxy.web.server, "run", lambda app, **kw: served.append((app, kw)))
+    tuned: list[bool] = []
+    monkeypatch.setattr(cli, "tune_malloc", lambda: tuned.append(True) or True)
     closed: list[bool] = []
     # The log writer's thread is not this test's subject; that serve closes it at exit is.
     writer = types.SimpleNamespace(close=lambda: closed.append(True))
@@ -210,6 +213,7 @@ def test_serve_listens_with_the_configured_backlog_and_tunes_the_gc_once_up(
     # server.start listens with it (tests/integration/test_fast_hits.py reads it back).
     assert app[SETTINGS].server.backlog == 777
     assert app.on_startup[-1] is cli.tune_gc  # after every cleanup_ctx has made its state
+    assert tuned == [True]  # the allocator's thresholds, before the app makes its state
     assert closed == [True]  # pending log lines written before the process ends
 
 
@@ -224,6 +228,40 @@ async def test_tune_gc_freezes_what_startup_made_and_sets_the_serving_thresholds
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_tune_malloc_sets_glibcs_thresholds_and_leaves_other_c_libraries_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import __main__ as cli
+
+    calls: list[tuple[int, int]] = []
+
+    class Glibc:
+        def gnu_get_libc_version(self) -> bytes:
+            return b"2.36"
+
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: Glibc())
+    assert cli.tune_malloc()
+    assert calls == [(-3, cli.MALLOC_MMAP_THRESHOLD), (-1, cli.MALLOC_TRIM_THRESHOLD)]
+
+    class Musl:  # mallopt is there (a stub), gnu_get_libc_version is not
+        def mallopt(self, param: int, value: int) -> int:
+            raise AssertionError("called under a C library that is not glibc")
+
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: Musl())
+    assert not cli.tune_malloc()
+
+
+def test_tune_malloc_works_on_this_machines_c_library() -> None:
+    from proxy import __main__ as cli
+
+    # The real call (this process keeps the thresholds: harmless for a test run).
+    assert cli.tune_malloc() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_backlog_is_bounded(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from proxy.cache.inflight import TURN_CHUNK_BYTES, turn_items
 from proxy.turns import TurnBudget, TurnMark
 
 
@@ -88,3 +89,21 @@ async def test_a_turn_mark_is_in_no_reference_cycle_whether_it_fired_or_was_drop
     assert fired.passed() and not _reaches(fired, fired)
     dropped = TurnMark()
     assert not dropped.passed() and not _reaches(dropped, dropped)
+
+
+async def test_items_taken_together_count_as_many() -> None:
+    budget = TurnBudget(16)
+    assert not budget.take(8)
+    assert budget.take(8)  # 16 of 16: the turn's items are all taken
+    assert budget.exhausted()
+    await budget.next()  # the next turn starts from zero
+    assert not budget.exhausted()
+    assert budget.take(40)  # one big taker may go past the budget: it goes on, the rest wait
+
+
+def test_a_chunk_counts_once_per_128_kib_it_holds() -> None:
+    assert TURN_CHUNK_BYTES == 128 * 1024
+    assert turn_items(0) == turn_items(1) == turn_items(16 * 1024) == 1
+    assert turn_items(128 * 1024) == 1
+    assert turn_items(128 * 1024 + 1) == 2
+    assert turn_items(1024 * 1024) == 8  # 16 of them make the default 128 a turn
