@@ -26,13 +26,14 @@ a relay a little slower is better than one that loses bytes.
 Reads go into the body's own memory too: the handler is a buffered protocol for the transport
 (:class:`_BufferedReads`, set in ``connection_made``), so while a plain body is coming the event
 loop reads straight into a block allocated for it (``bytearray``, at most :attr:`read_size`
-bytes and never past the body's end) and the reader gets views of that block: no copy out of
-the loop's read buffer into fresh ``bytes`` (uvloop's, 7 % of the relay's CPU) and, with a big
-block, one read and one step per socketful rather than per 256 KiB. A relayed segment's block
-is as large as its share of the receive budget allows (:mod:`proxy.upstream.receive`, up to
-2 MiB): bench_peers' segment relay, 64 connections, 1,249 -> 1,529 MB/s, CPU per request
-1,678 -> 1,363 us (5 interleaved rounds). Heads and everything aiohttp parses are read into a
-buffer of the thread's and handed on as ``bytes``, as the event loop would.
+bytes and never past the body's end) and the reader gets views of that block. What that buys is
+the read size: uvloop reads at most 256 KiB at a time into its own buffer, a block takes up to
+the body's share of the receive budget (:mod:`proxy.upstream.receive`, up to 2 MiB), so a body
+is read, handed on and written to its viewer in fewer, bigger steps. bench_peers' segment
+relay, 64 connections, 5 interleaved rounds: 1,233 -> 1,449 MB/s, CPU per request 1,700 ->
+1,444 us, with half the reads, writes and ``epoll_ctl`` calls. Blocks of 256 KiB (uvloop's copy
+into fresh ``bytes`` saved, reads as before) measured no faster. Heads and everything aiohttp
+parses are read into a buffer of the thread's and handed on as ``bytes``, as the loop would.
 
 So a body's chunks (``StreamReader.readchunk()`` and ``readany()``, and ``read_chunk`` above
 them) may be memoryviews, though aiohttp annotates them ``bytes``: bytes-like, written, joined and
