@@ -148,11 +148,13 @@ async def read_in_blocks() -> None:
         while chunk := (await response.content.readchunk())[0]:
             chunks.append(chunk)
     assert b"".join(chunks) == BODY
-    assert all(isinstance(chunk, memoryview) for chunk in chunks)  # read where they stay
-    assert protocol.direct_bytes == len(BODY)
-    blocks = {id(view.obj): view.obj for view in chunks if isinstance(view, memoryview)}
+    views = [chunk for chunk in chunks if isinstance(chunk, memoryview)]  # read where they stay
+    # Everything after the head's read (all of it, unless a busy test process let the head and
+    # the first piece arrive together) came as views of blocks.
+    assert sum(map(len, views)) == protocol.direct_bytes >= len(BODY) - MIB // 2
+    blocks = {id(view.obj): view.obj for view in views}
     sizes = sorted(len(block) for block in blocks.values())  # type: ignore[arg-type]
-    assert sum(sizes) == len(BODY)  # the blocks tile the body: nothing read past its end
+    assert sum(sizes) == protocol.direct_bytes  # the blocks tile the body: nothing past its end
     assert sizes[-1] == MIB  # as big as the read size allowed
 
 
