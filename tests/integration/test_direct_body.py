@@ -24,7 +24,7 @@ from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.direct_body import DIRECT_BODIES, DirectBodyHandler, written_for
 from proxy.upstream.receive import set_read_size
 from proxy.upstream.transport import UpstreamConnector
-from tests.integration.test_tunnel_tls import make_cert
+from tests.integration.test_tunnel_tls import https_origin, make_cert
 from tests.origin import Origin
 
 MIB = 1024 * 1024
@@ -179,15 +179,8 @@ async def read_over_tls(tmp: Path) -> None:
     async def segment(request: web.Request) -> web.Response:
         return web.Response(body=BODY)
 
-    app = web.Application()
-    app.router.add_get("/a.ts", segment)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    port = runner.addresses[0][1]
     connector = UpstreamConnector(limit=1, ssl=ssl.create_default_context(cafile=str(cert)))
-    try:
+    async with https_origin(server_ctx, "/a.ts", segment) as port:
         async with aiohttp.ClientSession(connector=connector) as session:
             for _ in range(2):  # the second on the same connection
                 async with session.get(f"https://localhost:{port}/a.ts") as response:
@@ -199,8 +192,6 @@ async def read_over_tls(tmp: Path) -> None:
                 assert b"".join(chunks) == BODY
                 assert any(isinstance(chunk, memoryview) for chunk in chunks)
         assert protocol.direct_bytes > len(BODY)  # most of both bodies went into blocks
-    finally:
-        await runner.cleanup()
 
 
 @taken_over

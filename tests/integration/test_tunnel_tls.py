@@ -8,10 +8,11 @@ microsocks and a real tinyproxy shows it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -56,6 +57,25 @@ def make_cert(tmp: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@contextlib.asynccontextmanager
+async def https_origin(
+    server_ctx: ssl.SSLContext,
+    path: str,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """An aiohttp HTTPS origin on 127.0.0.1 answering GET ``path``; yields its port."""
+    app = web.Application()
+    app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def tls_origin(tmp_path: Path) -> AsyncIterator[tuple[int, Path, list[str], list[str]]]:
     """An HTTPS origin on 127.0.0.1 with a certificate for ``localhost`` only."""
@@ -74,17 +94,8 @@ async def tls_origin(tmp_path: Path) -> AsyncIterator[tuple[int, Path, list[str]
         hosts.append(request.headers.get("Host", ""))
         return web.Response(text="secret segment")
 
-    app = web.Application()
-    app.router.add_get("/seg.ts", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with https_origin(server_ctx, "/seg.ts", handler) as port:
         yield port, cert, snis, hosts
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture(params=["microsocks", "tinyproxy"])
