@@ -58,7 +58,6 @@ from proxy.upstream.breaker import CircuitBreakers
 from proxy.upstream.guard import DestinationGuard
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.receive import (
-    MAX_BODY_READ_BYTES,
     UNBUDGETED_KINDS,
     BodyFit,
     ReceiveBudget,
@@ -597,7 +596,7 @@ class UpstreamClient:
                 # others come and go.
                 fit = BodyFit(budget, raw, kind) if read_bufsize is not None else None
                 if fit is None and kind not in UNBUDGETED_KINDS:
-                    set_read_size(raw, MAX_BODY_READ_BYTES)  # no budget: reads as big as come
+                    set_read_size(raw, budget.read_size(None))  # no budget: the largest reads
                 return UpstreamResponse(
                     raw=raw,
                     final_url=str(target),

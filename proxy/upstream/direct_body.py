@@ -8,7 +8,8 @@ relaying 2 MiB segments (perf: ``memmove`` 11 % for the two copies, page clearin
 
 Once a response's headers are parsed and its body is a plain ``Content-Length`` body (not
 chunked, nothing to decompress, the parser holding nothing back), :class:`DirectBodyHandler`
-feeds what the socket delivers straight to the response's reader, counting the bytes itself,
+feeds what is read (into the body's own blocks, below) straight to the response's reader,
+counting the bytes itself,
 and finishes the body when the count is reached, as the parser would. Everything else (headers,
 chunked or compressed bodies, bodies that came whole with their headers, a parser paused by flow
 control) is aiohttp's path, untouched. The parser of a response taken over is dropped once the
@@ -145,6 +146,7 @@ class DirectBodyHandler(ResponseHandler):
 
     def get_buffer(self) -> memoryview:
         """Where the next read goes: the rest of the body's block, else the head buffer."""
+        # Not while the parser holds bytes of this body back (paused before any was taken over).
         if self._body_length and (self._direct or not self._reading_paused):
             block = self._block
             if block is None:
@@ -180,10 +182,8 @@ class DirectBodyHandler(ResponseHandler):
         if not DIRECT_BODIES:
             super().data_received(data)  # another aiohttp: none of its private attributes read
             return
-        if data and self._body_length and (self._direct or not self._reading_paused):
-            # Not while paused: then the parser may still hold bytes of this body back.
-            self._feed(data)
-            return
+        # Body bytes taken over never come here: they are read into blocks (get_buffer); what
+        # comes here was read into the head buffer, for the parser.
         if data and self._parser is None and not self._upgraded:
             # Bytes after a body this protocol completed, before any request asked: broken
             # upstream. aiohttp's parser would fail on them and close; so does this.
@@ -196,7 +196,7 @@ class DirectBodyHandler(ResponseHandler):
         if self._payload is not payload:
             self._body_length = self._plain_length()
 
-    def _feed(self, data: bytes | memoryview) -> None:
+    def _feed(self, data: memoryview) -> None:
         self._direct = True
         self._reschedule_timeout()
         payload = self._payload
@@ -211,7 +211,8 @@ class DirectBodyHandler(ResponseHandler):
         self._direct = False
         self._block = None
         if size > left:
-            # More than the body: a broken upstream. Not parsed as a next answer; not reused.
+            # Cannot happen while blocks end where the body does (get_buffer); kept so that a
+            # mistake there never hands this body bytes of the next answer. Not reused.
             self._should_close = True
             data = data[:left]
         self.direct_bytes += left

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from proxy import request_log
 from proxy.cache.inflight import BodyHead, BodyReader, BodySource, OnComplete
 from proxy.cache.layer import CacheLayer
-from proxy.cache.store import CachedObject, cache_key
+from proxy.cache.store import CachedObject, Parts, cache_key
 from proxy.errors import BadRequest, PlaylistTooLarge, UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, is_live, media_freshness, playlist_freshness
 from proxy.hls.kinds import UriKind
@@ -611,7 +611,7 @@ class StreamRelay:
     def _media_storer(self, key: str, ttl: float) -> OnComplete:
         store = self.cache.store
 
-        async def on_complete(head: BodyHead, parts: tuple[bytes | memoryview, ...]) -> None:
+        async def on_complete(head: BodyHead, parts: Parts) -> None:
             if head.status != 200 or not head.storable:
                 return
             if head.length is not None and head.length != sum(map(len, parts)):

@@ -313,6 +313,22 @@ async def test_an_upstream_response_is_ready_when_a_read_would_not_wait(
         assert await upstream.read_chunk() == b""
 
 
+@taken_over
+async def test_the_first_chunk_of_a_body_read_into_blocks_is_bytes(
+    session: aiohttp.ClientSession,
+) -> None:
+    # Its callers sniff it with bytes' methods (a playlist's "#EXTM3U", a TS sync byte).
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(MIB), BODY[:MIB])
+
+    async with RawOrigin(answer) as raw, session.get(raw.url) as response:
+        upstream = UpstreamResponse(raw=response, final_url=raw.url)
+        head = await upstream.first_chunk()
+        assert type(head) is bytes and head and BODY.startswith(head)
+        assert handler_of(response).direct_bytes > 0  # it was read into a block
+        assert await upstream.read_capped(2 * MIB, head) == BODY[:MIB]
+
+
 def test_only_the_aiohttp_minor_version_it_was_written_for_is_taken_over() -> None:
     assert written_for("3.14.0") and written_for("3.14.5")
     assert not written_for("3.13.2") and not written_for("3.15.0") and not written_for("4.0.0a1")

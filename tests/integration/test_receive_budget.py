@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from proxy.upstream.direct_body import DEFAULT_READ_BYTES, DIRECT_BODIES, DirectBodyHandler
+from proxy.upstream.receive import MAX_BODY_READ_BYTES
 from proxy.web.keys import RELAY, UPSTREAM
 from tests.conftest import ProxyFactory
 from tests.integration.test_streams import proxied_uris
@@ -125,3 +127,30 @@ async def test_a_viewer_leaving_counts_its_body_out_at_once(
         await asyncio.sleep(0.01)
     assert receiving(client) == 0
     assert time.monotonic() - left < 1.9
+
+
+async def test_the_read_size_a_body_is_opened_with_follows_the_budget(
+    proxy_factory: ProxyFactory, origin: Origin
+) -> None:
+    bodies = {"/seg.ts": b"\x47" * 4 * 1024 * 1024, "/index.m3u8": b"#EXTM3U\n" + b"#c\n" * 500_000}
+    origin.media("/seg.ts", bodies["/seg.ts"])
+    origin.playlist("/index.m3u8", bodies["/index.m3u8"])
+    for budget, kind, expected in [
+        (0, "media", MAX_BODY_READ_BYTES),  # no budget: the largest reads
+        (64 * 1024 * 1024, "media", MAX_BODY_READ_BYTES),  # alone: its share is past the cap
+        (64 * 1024 * 1024, "playlist", DEFAULT_READ_BYTES),  # read whole, never fitted
+    ]:
+        # Bodies large enough that their connection is still busy when they are opened.
+        client = await proxy_factory(upstream={"receive_budget_bytes": budget})
+        path = "/seg.ts" if kind == "media" else "/index.m3u8"
+        response = await client.app[UPSTREAM].open(f"{origin.url}{path}", {}, kind=kind)
+        try:
+            connection = response.raw.connection
+            assert connection is not None
+            protocol = connection.protocol
+            if DIRECT_BODIES:
+                assert isinstance(protocol, DirectBodyHandler)
+                assert protocol.read_size == expected, (budget, kind)
+            assert await response.read_capped(8 * 1024 * 1024) == bodies[path]
+        finally:
+            response.close()
