@@ -96,6 +96,8 @@ class LiveSession:
         self._waiting = 0
         """Viewers waiting for the first segment: present, however long the start takes."""
         self.stopped = False
+        self._stopping: asyncio.Task[None] | None = None
+        """The one stop, once asked for (every call of :meth:`stop` waits for it)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -108,10 +110,32 @@ class LiveSession:
         ]
 
     async def stop(self) -> None:
-        """Stop reader and ffmpeg, reap every process, remove every file. Idempotent."""
-        if self.stopped:
-            return
-        self.stopped = True
+        """Stop reader and ffmpeg, reap every process, remove every file. Idempotent: every
+        call waits for the one stop.
+
+        A caller cancelled meanwhile (the live sweeper, cancelled at shutdown while it stopped a
+        session) still waits for the stop to finish, so nothing is left behind, and then its
+        cancellation goes on. It used to be swallowed here (the wait for the session's own
+        cancelled tasks suppressed every ``CancelledError``): the sweeper then went on sweeping
+        and the app's cleanup waited for it for ever.
+        """
+        if self._stopping is None:
+            self.stopped = True
+            self._stopping = asyncio.create_task(self._stop(), name=f"live-stop:{self.channel_id}")
+        stopping = self._stopping
+        cancelled = False
+        while not stopping.done():
+            try:
+                await asyncio.shield(stopping)
+            except asyncio.CancelledError:
+                if stopping.cancelled():
+                    raise
+                cancelled = True  # the caller's: finish the stop first
+        if cancelled:
+            raise asyncio.CancelledError
+        stopping.result()
+
+    async def _stop(self) -> None:
         self.hub.close()
         for task in self._tasks:
             task.cancel()

@@ -387,3 +387,35 @@ async def test_stalled_ffmpeg_is_replaced(proxy_factory: ProxyFactory, ts_origin
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)
+
+
+@pytest.mark.ffmpeg
+async def test_a_caller_cancelled_while_stopping_a_session_is_cancelled_after_the_stop(
+    proxy_factory: ProxyFactory,
+) -> None:
+    # The live sweeper, cancelled at shutdown while it stopped a session: the stop finishes
+    # (nothing left behind) and the cancellation reaches the sweeper, which must end.
+    try:
+        find_ffmpeg("auto")
+    except ServiceUnavailable:
+        pytest.skip("no ffmpeg on PATH and none from imageio-ffmpeg")
+    client = await proxy_factory(
+        live={"segment_seconds": 1.0},
+        channels=[{"id": "demo", "url": "lavfi:testsrc2=size=160x90:rate=25"}],
+    )
+    assert (await client.get("/live/demo/index.m3u8")).status == 200
+    pool = client.app[LIVE]
+    session = pool.session("demo")
+    assert session is not None and session.proc is not None
+    workdir, proc = session._dir, session.proc
+    assert workdir is not None and workdir.is_dir()
+    stopper = asyncio.create_task(pool.stop("demo"))
+    await asyncio.sleep(0)  # the stopper is in the stop, waiting for the session's tasks
+    stopper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopper, 10)
+    assert stopper.cancelled()  # not swallowed
+    assert not workdir.exists()  # and the stop was finished all the same
+    assert proc.returncode is not None
+    assert pool.session("demo") is None
+    await session.stop()  # again: the one stop, already done
