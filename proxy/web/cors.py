@@ -18,7 +18,7 @@ _ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _allowed_origin(request: web.BaseRequest, origins: tuple[str, ...]) -> str | None:
+def allowed_origin(request: web.BaseRequest, origins: tuple[str, ...]) -> str | None:
     if "*" in origins:
         return "*"
     origin = request.headers.get("Origin")
@@ -30,7 +30,7 @@ async def add_cors_headers(request: web.BaseRequest, response: web.StreamRespons
     if not isinstance(request, web.Request):
         return
     origins = request.app[SETTINGS].security.cors_origins
-    allowed = _allowed_origin(request, origins)
+    allowed = allowed_origin(request, origins)
     if allowed is None:
         return
     response.headers["Access-Control-Allow-Origin"] = allowed

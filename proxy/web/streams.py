@@ -29,6 +29,7 @@ from proxy.upstream.relay import (
     SharedMedia,
     ll_hls_query,
 )
+from proxy.web import crowd
 from proxy.web.errors import json_error
 from proxy.web.fast_hits import GZIP_ETAG_SUFFIX, accepts_gzip, gzip_etag
 from proxy.web.keys import FAST_HITS, METRICS, RELAY, REQUEST_FACTS
@@ -199,13 +200,18 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     """
     reader = media.reader
     prepared: web.StreamResponse | None = None
+    ahead: crowd.Ahead | None = None
+    sent_ahead: tuple[bytes, int] | None = None
     sent = 0
 
     async def prepare(head: BodyHead) -> None:
         # Run by the pump with every other waiter's, the moment the upstream headers arrive (or
         # here, by a viewer who came after them): no task woken per viewer, and when the first
         # bytes come only the writes are left.
-        nonlocal prepared
+        nonlocal prepared, ahead
+        ahead = crowd.ahead_of(request, head)
+        if ahead is not None:
+            return  # its headers are made with its first bytes (web/crowd.py)
         answer = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
         await answer.prepare(request)
         prepared = answer
@@ -213,17 +219,31 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     async def first_bytes(view: memoryview) -> int:
         # Run by the pump with every other waiter's, the moment the first chunk arrives: these
         # headers and first bytes go out in one loop, no task woken per viewer until all have.
-        assert prepared is not None
+        nonlocal sent_ahead
         piece = view[:FIRST_WRITE_BYTES]
+        if ahead is not None:
+            head = crowd.head_bytes(request, ahead)
+            if not crowd.send_ahead(request, head, piece):
+                return 0  # the viewer is gone: its own task finds out, as with any answer
+            sent_ahead = (head, len(piece))
+            return len(piece)
+        assert prepared is not None
         await prepared.write(piece)
         return len(piece)
 
     try:
         sent = await reader.first_bytes(first_bytes, prepare=prepare)
-        if prepared is None:
+        if sent_ahead is not None and ahead is not None:
+            # Sent before aiohttp prepared the answer: it does now, sending nothing itself.
+            prepared = crowd.SentAhead(ahead, *sent_ahead)
+            await prepared.prepare(request)
+        elif prepared is None:
             # A viewer who found bytes there already (or the body over): its own answer. The
             # upstream's error, if the head never came, is raised here, before any byte.
-            await prepare(await reader.head())
+            head = await reader.head()
+            answer = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
+            await answer.prepare(request)
+            prepared = answer
         response = prepared
         assert response is not None
         async for chunk in reader:

@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from proxy.web import streams
-from proxy.web.keys import METRICS, RELAY
+from proxy.web import crowd, streams
+from proxy.web.keys import METRICS, RELAY, REQUEST_FACTS
 from tests.conftest import ProxyFactory
 from tests.origin import Origin
 
@@ -609,7 +609,7 @@ async def test_a_crowd_gets_whole_answers_when_the_headers_come_before_the_body(
     assert len(origin.requests_to("/crowd/early.ts")) == 1
 
 
-async def test_upstream_cut_after_its_headers_cuts_every_waiter(
+async def test_upstream_cut_after_its_headers_fails_every_waiter(
     proxy: Client, origin: Origin
 ) -> None:
     data = random.Random(8).randbytes(256 * 1024)
@@ -630,14 +630,16 @@ async def test_upstream_cut_after_its_headers_cuts_every_waiter(
     async def viewer(session: aiohttp.ClientSession) -> str:
         try:
             async with session.get(url) as resp:
-                await resp.read()
+                body = await resp.json()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
             return "cut"
-        return f"answered {resp.status}"
+        return f"answered {resp.status} {body['error']['code']}"
 
     async with aiohttp.ClientSession() as session:
         outcomes = await asyncio.wait_for(asyncio.gather(*(viewer(session) for _ in range(8))), 10)
-    assert outcomes == ["cut"] * 8  # never a short body that looks whole
+    # Never a short body that looks whole: nothing had gone out to the crowd (its headers go with
+    # its first bytes), so each viewer is told, with the upstream's error.
+    assert set(outcomes) == {"answered 502 upstream_unreachable"}
     # (aiohttp's client asks again once after a disconnect: each flight was one request.)
     fetched = len(origin.requests_to("/crowd/cut.ts"))
     assert 1 <= fetched <= 2
@@ -670,6 +672,32 @@ async def test_viewers_leaving_before_the_first_bytes_leave_the_others_whole(
     assert len(origin.requests_to("/crowd/leave.ts")) == 1
 
 
+def log_crowd_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every body write of a shared body's viewers, in order: (the viewer's request id, bytes);
+    first bytes sent with the headers (web/crowd.py) and aiohttp writes alike."""
+    writes: list[tuple[str, int]] = []
+    send_ahead = crowd.send_ahead
+
+    def sent_ahead(request: web.Request, head: bytes, first: memoryview) -> bool:
+        writes.append((request[REQUEST_FACTS].request_id, len(first)))
+        return send_ahead(request, head, first)
+
+    monkeypatch.setattr(crowd, "send_ahead", sent_ahead)
+    for answer in (streams._HeadersWithFirstBytes, crowd.SentAhead):
+        original = answer.write
+
+        async def logged(
+            self: web.StreamResponse,
+            data: bytes | bytearray | memoryview,
+            original: Any = original,
+        ) -> None:
+            writes.append((self.headers["X-Request-Id"], len(data)))
+            await original(self, data)
+
+        monkeypatch.setattr(answer, "write", logged)
+    return writes
+
+
 async def test_a_crowd_on_a_body_that_came_whole_takes_turns(
     proxy: Client, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -682,14 +710,7 @@ async def test_a_crowd_on_a_body_that_came_whole_takes_turns(
 
     origin.routes["/crowd/whole.ts"] = whole
     url = await segment_url(proxy, origin, "whole.ts")
-    writes: list[tuple[int, int]] = []
-    original = streams._HeadersWithFirstBytes.write
-
-    async def logged(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
-        writes.append((id(self), len(data)))
-        await original(self, data)
-
-    monkeypatch.setattr(streams._HeadersWithFirstBytes, "write", logged)
+    writes = log_crowd_writes(monkeypatch)
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(read_all(session, url) for _ in range(4)))
     assert results == [(200, data)] * 4
@@ -724,14 +745,7 @@ async def test_a_crowds_slices_shrink_with_the_number_of_viewers(
     name = f"split{viewers}.ts"
     origin.routes[f"/crowd/{name}"] = whole
     url = await segment_url(proxy, origin, name)
-    writes: list[tuple[int, int]] = []
-    original = streams._HeadersWithFirstBytes.write
-
-    async def logged(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
-        writes.append((id(self), len(data)))
-        await original(self, data)
-
-    monkeypatch.setattr(streams._HeadersWithFirstBytes, "write", logged)
+    writes = log_crowd_writes(monkeypatch)
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(read_all(session, url) for _ in range(viewers)))
     assert results == [(200, data)] * viewers
