@@ -205,9 +205,13 @@ class _Meter:
 class SharedBody:
     """One upstream body and the readers following it."""
 
-    def __init__(self, window_bytes: int, meter: _Meter | None = None) -> None:
+    def __init__(
+        self, window_bytes: int, meter: _Meter | None = None, turn: TurnBudget | None = None
+    ) -> None:
         self._window = window_bytes
         self._meter = meter if meter is not None else _Meter()
+        # Readers let go after their first write count against it, as chunks relayed do.
+        self._turn = turn if turn is not None else TurnBudget(0)
         self._counted = 0  # bytes of this body in the meter
         self._pumped = False  # the pump is over: nothing more will arrive
         self._chunks: list[bytes | memoryview] = []
@@ -379,6 +383,7 @@ class SharedBody:
         """Run the first write of every reader waiting for this, the body's first chunk."""
         writes, self._first_writes = self._first_writes, {}
         view = memoryview(chunk)
+        written: list[tuple[asyncio.Future[int | _Rest[Any]], int | _Rest[Any]]] = []
         for reader, answer in writes.items():
             future = answer.future
             if future.done() or self._readers.get(reader) != 0:
@@ -393,10 +398,29 @@ class SharedBody:
                 future.set_exception(exc)
                 continue
             if isinstance(taken, _Rest):
-                future.set_result(taken)
+                written.append((future, taken))
                 continue
             reader._skip = min(max(taken, 0), len(chunk))
-            future.set_result(reader._skip)
+            written.append((future, reader._skip))
+        self._let_go(written)
+
+    def _let_go(
+        self, written: list[tuple[asyncio.Future[int | _Rest[Any]], int | _Rest[Any]]]
+    ) -> None:
+        """Wake the readers whose first bytes are out, a turn's worth at a time.
+
+        Each goes on with its answer when woken (aiohttp's response prepared, its next slice
+        written): 500 woken together made one turn of 30-35 ms after the 12-15 ms of first
+        writes, a stall of 40-50 ms for everything else on the loop (bench_peers case 6).
+        """
+        turn = self._turn
+        for index, (future, result) in enumerate(written):
+            if not future.done():
+                future.set_result(result)
+            if turn.take() and index + 1 < len(written):
+                # The rest in the next turns (the budget's new turn begins before this runs).
+                asyncio.get_running_loop().call_soon(self._let_go, written[index + 1 :])
+                return
 
     def _finish(self) -> None:
         self.done = True
@@ -543,7 +567,7 @@ class SharedBodies:
 
     def start(self, key: str, opener: Opener, on_complete: OnComplete | None = None) -> SharedBody:
         """Start fetching ``key`` in the background (there must be no flight for it)."""
-        body = SharedBody(self._window, self._meter)
+        body = SharedBody(self._window, self._meter, self._turn)
         self._bodies[key] = body
         self._tasks.spawn(self._open_and_pump(key, body, opener, on_complete), name="shared-body")
         return body
@@ -559,7 +583,7 @@ class SharedBodies:
         for. If others joined meanwhile, a pump reads the body; if not, this reader does
         (:class:`_Feed`) until someone joins.
         """
-        body = SharedBody(self._window, self._meter)
+        body = SharedBody(self._window, self._meter, self._turn)
         self._bodies[key] = body
         reader = body.reader()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -363,6 +364,45 @@ async def test_pump_runs_every_waiting_readers_first_write_before_any_reader_res
     assert sorted(crowd.events[4:]) == [("resumed", n) for n in range(4)]
     assert results == [(2, [b"cdef", b"gh"])] * 4
     assert crowd.first_rest == [memoryview] * 4  # the rest of the first chunk, not a copy
+    await tasks.close()
+
+
+async def test_a_crowd_let_go_resumes_a_turn_budget_at_a_time() -> None:
+    """Every first write in the pump's one loop; then the readers resume at most ``turn_chunks``
+    per event-loop turn (500 at once made one turn of 30-35 ms in bench_peers case 6)."""
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100, turn_chunks=3)
+    source = FakeSource([])
+    crowd = Crowd(bodies.start("k", lambda: opened(source)))
+    turns = [0]
+
+    def count_turn() -> None:
+        turns[0] += 1
+        if not all(viewer.done() for viewer in viewers):
+            asyncio.get_running_loop().call_soon(count_turn)
+
+    turn_of: dict[int, int] = {}
+
+    class Events(list[tuple[str, int]]):
+        def append(self, event: tuple[str, int]) -> None:
+            if event[0] == "resumed":
+                turn_of[event[1]] = turns[0]
+            super().append(event)
+
+    crowd.events = Events()
+    viewers = [asyncio.ensure_future(crowd.viewer(n)) for n in range(8)]
+    await asyncio.sleep(0.01)
+    count_turn()
+    for chunk in (b"abcdef", b"gh", None):
+        source.queue.put_nowait(chunk)
+    results = await asyncio.gather(*viewers)
+    assert results == [(2, [b"cdef", b"gh"])] * 8
+    writes = [event for event in crowd.events if event[0] == "write"]
+    assert crowd.events[:8] == writes == [("write", n) for n in range(8)]
+    per_turn = Counter(turn_of.values())
+    assert sorted(turn_of) == list(range(8))
+    assert max(per_turn.values()) <= 3
+    assert len(per_turn) >= 3  # 8 readers, 3 a turn
     await tasks.close()
 
 
