@@ -91,6 +91,23 @@ async def lone_answer(proxy: Client, origin: Origin, name: str) -> dict[str, str
     return headers
 
 
+async def crowd_of(
+    proxy: Client, origin: Origin, name: str, *asks: tuple[str, ...]
+) -> list[tuple[str, dict[str, str], bytes]]:
+    """A crowd on one slow segment, a raw HTTP/1.1 viewer for each ask's header lines: their
+    answers (each checked whole)."""
+    slow_media(origin, f"/crowd/{name}", DATA, delay=0.3)
+    url = await segment_url(proxy, origin, name)
+    viewers = [await Viewer.ask(proxy, url, "1.1", *lines) for lines in asks]
+    try:
+        answers = await asyncio.gather(*(viewer.answer() for viewer in viewers))
+    finally:
+        for viewer in viewers:
+            viewer.close()
+    assert [body == DATA for _, _, body in answers] == [True] * len(asks)
+    return answers
+
+
 async def test_a_crowds_headers_are_the_ones_aiohttp_would_send(
     proxy: Client,
     origin: Origin,
@@ -148,18 +165,14 @@ async def test_a_crowd_with_listed_origins_gets_its_own_cors_headers(
 ) -> None:
     proxy = await proxy_factory(security={"cors_origins": ["https://good.example"]})
     heads = count_sent_ahead(monkeypatch)
-    slow_media(origin, "/crowd/listed.ts", DATA, delay=0.3)
-    url = await segment_url(proxy, origin, "listed.ts")
-    viewers = [
-        await Viewer.ask(proxy, url, "1.1", "Origin: https://good.example"),
-        await Viewer.ask(proxy, url, "1.1", "Origin: https://bad.example"),
-        await Viewer.ask(proxy, url, "1.1"),
-    ]
-    try:
-        answers = await asyncio.gather(*(viewer.answer() for viewer in viewers))
-    finally:
-        for viewer in viewers:
-            viewer.close()
+    answers = await crowd_of(
+        proxy,
+        origin,
+        "listed.ts",
+        ("Origin: https://good.example",),
+        ("Origin: https://bad.example",),
+        (),
+    )
     assert len(heads) == 3
     assert mismatches(caplog) == []
     good, bad, plain = (headers for _, headers, _ in answers)
@@ -180,15 +193,7 @@ async def test_headers_unlike_aiohttps_are_reported_once(
     CORS hook would not make is reported (names only, once)."""
     monkeypatch.setattr(crowd, "EXPOSE_HEADERS", "Content-Length")
     monkeypatch.setattr(crowd, "_mismatch_reported", False)
-    slow_media(origin, "/crowd/unlike.ts", DATA, delay=0.3)
-    url = await segment_url(proxy, origin, "unlike.ts")
-    viewers = [await Viewer.ask(proxy, url, "1.1") for _ in range(3)]
-    try:
-        answers = await asyncio.gather(*(viewer.answer() for viewer in viewers))
-    finally:
-        for viewer in viewers:
-            viewer.close()
-    assert [body == DATA for _, _, body in answers] == [True] * 3
+    await crowd_of(proxy, origin, "unlike.ts", (), (), ())
     assert len(mismatches(caplog)) == 1
     assert "Access-Control-Expose-Headers" in mismatches(caplog)[0]
     assert "Content-Length" not in mismatches(caplog)[0].split("(")[0]
@@ -204,18 +209,9 @@ async def test_a_hook_it_does_not_know_leaves_the_answers_to_aiohttp(
     app.on_response_prepare.append(stamp)
     proxy = await aiohttp_client(app)
     heads = count_sent_ahead(monkeypatch)
-    slow_media(origin, "/crowd/hooked.ts", DATA, delay=0.3)
-    url = await segment_url(proxy, origin, "hooked.ts")
-    viewers = [await Viewer.ask(proxy, url, "1.1") for _ in range(3)]
-    try:
-        answers = await asyncio.gather(*(viewer.answer() for viewer in viewers))
-    finally:
-        for viewer in viewers:
-            viewer.close()
+    answers = await crowd_of(proxy, origin, "hooked.ts", (), (), ())
     assert heads == []
-    assert [(headers["X-Stamp"], body == DATA) for _, headers, body in answers] == [
-        ("yes", True)
-    ] * 3
+    assert [headers["X-Stamp"] for _, headers, _ in answers] == ["yes"] * 3
 
 
 async def test_a_viewer_gone_before_the_first_bytes_costs_the_others_nothing(
