@@ -477,6 +477,11 @@ class BodyReader:
     async def head(self) -> BodyHead:
         return await self._body.head()
 
+    @property
+    def known_head(self) -> BodyHead | None:
+        """The upstream's status and headers if they are in (always, once a chunk is)."""
+        return self._body._head
+
     async def first_bytes(self, write: FirstWrite, *, prepare: Prepare | None = None) -> int:
         """Have the pump run ``prepare`` on the upstream's head the moment it arrives (at once,
         in this task, if it is in already), then ``write`` on the body's first chunk.

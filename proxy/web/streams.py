@@ -16,7 +16,6 @@ from email.utils import parsedate_to_datetime
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.cache.inflight import BodyHead
 from proxy.cache.store import CachedObject
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, media_freshness, not_found_freshness
@@ -204,35 +203,28 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
     sent_ahead: tuple[bytes, int] | None = None
     sent = 0
 
-    async def prepare(head: BodyHead) -> None:
-        # Run by the pump with every other waiter's, the moment the upstream headers arrive (or
-        # here, by a viewer who came after them): no task woken per viewer, and when the first
-        # bytes come only the writes are left.
-        nonlocal prepared, ahead
-        ahead = crowd.ahead_of(request, head)
-        if ahead is not None:
-            return  # its headers are made with its first bytes (web/crowd.py)
-        answer = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
-        await answer.prepare(request)
-        prepared = answer
-
     async def first_bytes(view: memoryview) -> int:
         # Run by the pump with every other waiter's, the moment the first chunk arrives: these
         # headers and first bytes go out in one loop, no task woken per viewer until all have.
-        nonlocal sent_ahead
+        nonlocal prepared, ahead, sent_ahead
+        head = reader.known_head
+        assert head is not None  # (a chunk comes after the head)
         piece = view[:FIRST_WRITE_BYTES]
+        ahead = crowd.ahead_of(request, head)
         if ahead is not None:
-            head = crowd.head_bytes(request, ahead)
-            if not crowd.send_ahead(request, head, piece):
+            # Headers made from what the crowd shares (web/crowd.py), in one write with the bytes.
+            head_block = crowd.head_bytes(request, ahead)
+            if not crowd.send_ahead(request, head_block, piece):
                 return 0  # the viewer is gone: its own task finds out, as with any answer
-            sent_ahead = (head, len(piece))
+            sent_ahead = (head_block, len(piece))
             return len(piece)
-        assert prepared is not None
+        prepared = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
+        await prepared.prepare(request)
         await prepared.write(piece)
         return len(piece)
 
     try:
-        sent = await reader.first_bytes(first_bytes, prepare=prepare)
+        sent = await reader.first_bytes(first_bytes)
         if sent_ahead is not None and ahead is not None:
             # Sent before aiohttp prepared the answer: it does now, sending nothing itself.
             prepared = crowd.SentAhead(ahead, *sent_ahead)
@@ -241,9 +233,8 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
             # A viewer who found bytes there already (or the body over): its own answer. The
             # upstream's error, if the head never came, is raised here, before any byte.
             head = await reader.head()
-            answer = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
-            await answer.prepare(request)
-            prepared = answer
+            prepared = _HeadersWithFirstBytes(status=head.status, headers=head.headers)
+            await prepared.prepare(request)
         response = prepared
         assert response is not None
         async for chunk in reader:
