@@ -60,14 +60,15 @@ class Ahead:
             for version in (HttpVersion10, HttpVersion11)
         }
         defaults = []
-        # aiohttp's defaults, in its order (StreamResponse._prepare_headers).
-        if "content-type" not in names and head.length != 0:
-            defaults.append(("Content-Type", "application/octet-stream"))
-        # The Date sent, given to aiohttp's response too (None: the upstream's own is in).
+        # The Date sent, given to aiohttp's response too (None: the upstream's own is in), after
+        # the upstream's headers (SentAhead); then aiohttp's defaults, in its order
+        # (StreamResponse._prepare_headers).
         self.date: str | None = None
         if "date" not in names:
             self.date = formatdate(second, usegmt=True)
             defaults.append(("Date", self.date))
+        if "content-type" not in names and head.length != 0:
+            defaults.append(("Content-Type", "application/octet-stream"))
         if "server" not in names:
             defaults.append(("Server", SERVER_SOFTWARE))
         self.lines = _lines(head.headers) + _lines(defaults)

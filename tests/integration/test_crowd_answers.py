@@ -94,9 +94,10 @@ async def lone_answer(proxy: Client, origin: Origin, name: str) -> dict[str, str
 async def crowd_of(
     proxy: Client, origin: Origin, name: str, *asks: tuple[str, ...]
 ) -> list[tuple[str, dict[str, str], bytes]]:
-    """A crowd on one slow segment, a raw HTTP/1.1 viewer for each ask's header lines: their
-    answers (each checked whole)."""
-    slow_media(origin, f"/crowd/{name}", DATA, delay=0.3)
+    """A crowd on one slow segment (``slow_media`` unless the origin has a route for it), a raw
+    HTTP/1.1 viewer for each ask's header lines: their answers (each checked whole)."""
+    if f"/crowd/{name}" not in origin.routes:
+        slow_media(origin, f"/crowd/{name}", DATA, delay=0.3)
     url = await segment_url(proxy, origin, name)
     viewers = [await Viewer.ask(proxy, url, "1.1", *lines) for lines in asks]
     try:
@@ -181,6 +182,35 @@ async def test_a_crowd_with_listed_origins_gets_its_own_cors_headers(
     assert "Access-Control-Allow-Origin" not in bad
     assert "Vary" not in bad
     assert "Access-Control-Allow-Origin" not in plain
+
+
+async def test_a_crowd_on_a_segment_without_a_content_type_gets_aiohttps_default(
+    proxy: Client,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp adds ``Content-Type`` after the ``Date`` given to it: the same order here."""
+
+    class Untyped(web.StreamResponse):
+        async def _prepare_headers(self) -> None:
+            await super()._prepare_headers()
+            del self.headers["Content-Type"]  # an origin that names no type
+
+    async def untyped(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        response = Untyped(headers={"Content-Length": str(len(DATA))})
+        await response.prepare(request)
+        await response.write(DATA)
+        return response
+
+    origin.routes["/crowd/untyped.ts"] = untyped
+    heads = count_sent_ahead(monkeypatch)
+    answers = await crowd_of(proxy, origin, "untyped.ts", (), (), ())
+    assert len(heads) == 3
+    assert mismatches(caplog) == []
+    types = [headers["Content-Type"] for _, headers, _ in answers]
+    assert types == ["application/octet-stream"] * 3
 
 
 async def test_headers_unlike_aiohttps_are_reported_once(
