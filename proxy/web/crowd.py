@@ -129,7 +129,7 @@ def head_bytes(request: web.Request, ahead: Ahead) -> bytes:
     if facts is not None:
         parts.append(f"X-Request-Id: {facts.request_id}\r\n")
     parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    return "".join(parts).encode()  # UTF-8, as aiohttp encodes headers
 
 
 class SentAhead(web.StreamResponse):
@@ -157,7 +157,7 @@ class SentAhead(web.StreamResponse):
             f"HTTP/{request.version.major}.{request.version.minor} {self.status} {self.reason}\r\n"
             + _lines(self.headers.items())
             + "\r\n"
-        ).encode("latin-1")
+        ).encode()
         if would_send != self._sent_head:
             _report_mismatch(self._sent_head, would_send)
         if writer.length is not None:

@@ -213,6 +213,31 @@ async def test_a_crowd_on_a_segment_without_a_content_type_gets_aiohttps_default
     assert types == ["application/octet-stream"] * 3
 
 
+async def test_a_crowds_headers_are_encoded_as_aiohttp_encodes_them(
+    proxy: Client,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream header that is not ASCII (an ETag here) goes out in UTF-8, as aiohttp's."""
+
+    async def tagged(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        response = web.StreamResponse(
+            headers={"Content-Length": str(len(DATA)), "ETag": '"café-1"'}
+        )
+        await response.prepare(request)
+        await response.write(DATA)
+        return response
+
+    origin.routes["/crowd/tagged.ts"] = tagged
+    heads = count_sent_ahead(monkeypatch)
+    await crowd_of(proxy, origin, "tagged.ts", (), ())
+    assert len(heads) == 2
+    assert mismatches(caplog) == []
+    assert all('ETag: "café-1"\r\n'.encode() in head for head in heads)
+
+
 async def test_headers_unlike_aiohttps_are_reported_once(
     proxy: Client,
     origin: Origin,
