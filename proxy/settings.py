@@ -285,8 +285,8 @@ class CacheSettings(_Section):
     inflight_turn_chunks: int = Field(128, ge=0)
     """Chunks the media bodies in flight may take from their upstreams in one turn of the event
     loop, all together; past it the rest wait for the next turn, so hundreds of bodies relayed
-    at once never hold up other requests. A chunk counts once per 128 KiB it holds (started).
-    0 = no limit."""
+    at once never hold up other requests. A chunk counts once per 128 KiB it holds (started);
+    a viewer of a crowd let go after its first bytes counts one. 0 = no limit."""
     media_ttl: float = Field(300.0, ge=0)
     """Seconds a segment, part or init section stays in the store; 0 = media is not stored."""
     key_ttl: float = Field(30.0, ge=0)
