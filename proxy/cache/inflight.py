@@ -35,13 +35,12 @@ bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). A chunk 
 16 MiB a turn (fewer turns over 25 ms by three quarters, the bigger reads' CPU saving kept).
 
 A crowd waiting for a body is let go by the pump itself: each waiting reader may hand it a
-*first answer* (:meth:`BodyReader.first_bytes`): a *prepare*, run when the upstream headers
-arrive (its viewer's response headers, made ready), and a *first write*, run when the first chunk
-arrives. The pump runs every waiting reader's in one loop, instead of waking every reader's task
-(hundreds of task turns between the upstream's first byte and the crowd's). The readers then
-follow at their own pace. These steps are run in the pump's turn and are expected not to wait
-(headers into a buffer, a write into an empty socket buffer); one that does wait is finished by
-its own reader's task, not dropped.
+*first write* (:meth:`BodyReader.first_bytes`), run when the first chunk arrives (its viewer's
+headers and first bytes). The pump runs every waiting reader's in one loop, instead of waking
+every reader's task (hundreds of task turns between the upstream's first byte and the crowd's),
+then wakes the readers a turn's worth at a time; they follow at their own pace. A first write is
+run in the pump's turn and is expected not to wait (a write into an empty socket buffer); one
+that does wait is finished by its own reader's task, not dropped.
 
 This module knows nothing of HTTP clients: the upstream is a :class:`BodySource`.
 """
@@ -112,8 +111,6 @@ OnComplete = Callable[[BodyHead, tuple[bytes | memoryview, ...]], Awaitable[None
 """Gets a whole body as the chunks it arrived in (joined by whoever needs one ``bytes``)."""
 FirstWrite = Callable[[memoryview], Coroutine[Any, Any, int]]
 """Writes a reader's first bytes from the body's first chunk; returns how many it took."""
-Prepare = Callable[[BodyHead], Coroutine[Any, Any, None]]
-"""Makes a reader's answer ready from the upstream's head (nothing written yet)."""
 
 T = TypeVar("T")
 
@@ -166,11 +163,10 @@ def _run_now(step: Coroutine[Any, Any, T], context: contextvars.Context) -> T | 
 
 @dataclass(slots=True)
 class _FirstAnswer:
-    """A reader's steps for the pump to run, and the future its task waits on meanwhile."""
+    """A reader's first write for the pump to run, and the future its task waits on meanwhile."""
 
-    prepare: Prepare | None
     write: FirstWrite
-    future: asyncio.Future[int | _Rest[Any]]
+    future: asyncio.Future[int | _Rest[int]]
     context: contextvars.Context
 
 
@@ -264,29 +260,20 @@ class SharedBody:
     def _bytes_or_end(self) -> bool:
         return bool(self._chunks or self._first or self.done or self.error is not None)
 
-    async def _first_write(
-        self, reader: BodyReader, write: FirstWrite, prepare: Prepare | None
-    ) -> int:
-        if self._bytes_or_end():
-            return 0  # bytes are there (or never will be): the reader answers itself
-        if prepare is not None and self._head is not None:
-            await prepare(self._head)  # the head is in: this reader's own task prepares
-            prepare = None
+    async def _first_write(self, reader: BodyReader, write: FirstWrite) -> int:
         if self._bytes_or_end() or self._feed is not None:
-            return 0  # (a body its one reader reads itself: it writes its first bytes itself)
-        future: asyncio.Future[int | _Rest[Any]] = asyncio.get_running_loop().create_future()
-        self._first_writes[reader] = _FirstAnswer(
-            prepare, write, future, contextvars.copy_context()
-        )
+            # Bytes are there (or never will be), or its one reader reads the body itself: the
+            # reader writes its first bytes itself.
+            return 0
+        future: asyncio.Future[int | _Rest[int]] = asyncio.get_running_loop().create_future()
+        self._first_writes[reader] = _FirstAnswer(write, future, contextvars.copy_context())
         try:
             taken = await future
         finally:
             self._first_writes.pop(reader, None)
         if isinstance(taken, _Rest):
-            # A step that waited in the pump's turn: finished here, in the reader's own task.
+            # A write that waited in the pump's turn: finished here, in the reader's own task.
             rest = await taken
-            if not isinstance(rest, int):
-                return 0  # the prepare's rest: the reader writes its first bytes itself
             reader._skip = min(max(rest, 0), len(self._chunks[0]) if self._chunks else 0)
             return reader._skip
         return taken
@@ -346,25 +333,6 @@ class SharedBody:
         if self._head is None and self.error is None:
             self._head = head
             self._head_ready.set()
-            if self._first_writes:
-                self._prepare_firsts(head)
-
-    def _prepare_firsts(self, head: BodyHead) -> None:
-        """Run the prepare of every reader waiting with one, now that the head is in."""
-        for reader, answer in list(self._first_writes.items()):
-            prepare, answer.prepare = answer.prepare, None
-            if prepare is None or answer.future.done():
-                continue
-            try:
-                rest = _run_now(prepare(head), answer.context)
-            except Exception as exc:
-                # That reader's own failure: raised in its own task.
-                del self._first_writes[reader]
-                answer.future.set_exception(exc)
-                continue
-            if isinstance(rest, _Rest):
-                del self._first_writes[reader]  # its task finishes it, then writes itself
-                answer.future.set_result(rest)
 
     def _wake(self) -> None:
         more, self._more = self._more, asyncio.Event()
@@ -383,14 +351,11 @@ class SharedBody:
         """Run the first write of every reader waiting for this, the body's first chunk."""
         writes, self._first_writes = self._first_writes, {}
         view = memoryview(chunk)
-        written: list[tuple[asyncio.Future[int | _Rest[Any]], int | _Rest[Any]]] = []
+        written: list[tuple[asyncio.Future[int | _Rest[int]], int | _Rest[int]]] = []
         for reader, answer in writes.items():
             future = answer.future
             if future.done() or self._readers.get(reader) != 0:
                 continue  # it left, or its task was cancelled: nothing to write to
-            if answer.prepare is not None:
-                future.set_result(0)  # never prepared (no head came first): it answers itself
-                continue
             try:
                 taken = _run_now(answer.write(view), answer.context)
             except Exception as exc:
@@ -405,7 +370,7 @@ class SharedBody:
         self._let_go(written)
 
     def _let_go(
-        self, written: list[tuple[asyncio.Future[int | _Rest[Any]], int | _Rest[Any]]]
+        self, written: list[tuple[asyncio.Future[int | _Rest[int]], int | _Rest[int]]]
     ) -> None:
         """Wake the readers whose first bytes are out, a turn's worth at a time.
 
@@ -482,16 +447,16 @@ class BodyReader:
         """The upstream's status and headers if they are in (always, once a chunk is)."""
         return self._body._head
 
-    async def first_bytes(self, write: FirstWrite, *, prepare: Prepare | None = None) -> int:
-        """Have the pump run ``prepare`` on the upstream's head the moment it arrives (at once,
-        in this task, if it is in already), then ``write`` on the body's first chunk.
+    async def first_bytes(self, write: FirstWrite) -> int:
+        """Have the pump run ``write`` on the body's first chunk, with every other waiting
+        reader's (the head is in by then: :attr:`known_head`).
 
         Returns how many bytes ``write`` took; iterating then goes on with the rest of that
         chunk. Returns 0 without running ``write`` when bytes are already there (a late joiner),
-        or never will be: the reader then writes them itself (``prepare`` has run if the head
-        came). Raises the body's error, or whatever ``prepare`` or ``write`` raised.
+        or never will be: the reader then writes them itself. Raises the body's error, or
+        whatever ``write`` raised.
         """
-        return await self._body._first_write(self, write, prepare)
+        return await self._body._first_write(self, write)
 
     @property
     def shared(self) -> bool:
@@ -693,9 +658,8 @@ class SharedBodies:
             if begin:
                 self._begin(body, feed)
                 if body._head_waiters > 1:
-                    # A crowd waits for the head: one turn, so its readers can prepare their
-                    # answers and hand over their first writes before a first chunk that is
-                    # already here.
+                    # A crowd waits for the head: one turn, so its readers can hand over their
+                    # first writes before a first chunk that is already here.
                     await asyncio.sleep(0)
             if body.done or body.error is not None:
                 return  # its reader read it to the end (or the failure) before this pump ran
@@ -763,7 +727,6 @@ __all__ = [
     "FirstWrite",
     "OnComplete",
     "Opener",
-    "Prepare",
     "SharedBodies",
     "SharedBody",
 ]

@@ -12,7 +12,6 @@ import pytest
 from proxy.cache.inflight import (
     BodyHead,
     FirstWrite,
-    Prepare,
     SharedBodies,
     SharedBody,
 )
@@ -320,20 +319,16 @@ class Crowd:
 
         return write
 
-    def prepare_noting(self, number: int) -> Prepare:
-        async def prepare(head: BodyHead) -> None:
-            self.events.append(("prepare", number))
-
-        return prepare
-
     async def viewer(
-        self, number: int, write: FirstWrite | None = None, prepare: Prepare | None = None
+        self, number: int, write: FirstWrite | None = None, *, at_once: bool = False
     ) -> tuple[int, list[bytes]]:
+        """``at_once``: hand over the first write without waiting for the head first (as
+        web/streams.py does)."""
         reader = self.body.reader()
         try:
-            if prepare is None:
+            if not at_once:
                 await reader.head()
-            taken = await reader.first_bytes(write or self.write_taking(number, 2), prepare=prepare)
+            taken = await reader.first_bytes(write or self.write_taking(number, 2))
             self.events.append(("resumed", number))
             rest: list[bytes] = []
             async for chunk in reader:
@@ -563,58 +558,25 @@ async def head_later(source: FakeSource, gate: asyncio.Event) -> FakeSource:
     return source
 
 
-async def test_pump_prepares_every_waiting_reader_when_the_head_arrives() -> None:
+async def test_readers_hand_over_first_writes_before_the_head_or_after_it() -> None:
     tasks = BackgroundTasks()
     bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
     source = FakeSource([])
     gate = asyncio.Event()
     crowd = Crowd(bodies.start("k", lambda: head_later(source, gate)))
-    viewers = [
-        asyncio.ensure_future(crowd.viewer(n, prepare=crowd.prepare_noting(n))) for n in range(4)
-    ]
+    viewers = [asyncio.ensure_future(crowd.viewer(n, at_once=True)) for n in range(4)]
     await asyncio.sleep(0.01)
-    assert crowd.events == []  # no head, nothing prepared
     gate.set()
     await asyncio.sleep(0.01)
-    # All prepared by the pump in one go; none written (no bytes yet), none resumed.
-    assert crowd.events == [("prepare", n) for n in range(4)]
-    late = asyncio.ensure_future(crowd.viewer(9, prepare=crowd.prepare_noting(9)))
+    late = asyncio.ensure_future(crowd.viewer(9, at_once=True))  # the head is in, no bytes yet
     await asyncio.sleep(0.01)
-    assert crowd.events[-1] == ("prepare", 9)  # the head was in: prepared in its own task
+    assert crowd.events == []  # nothing written before the first chunk, nobody resumed
     for chunk in (b"abcdef", None):
         source.queue.put_nowait(chunk)
     results = await asyncio.gather(*viewers, late)
-    assert crowd.events[5:10] == [("write", n) for n in (0, 1, 2, 3, 9)]
-    assert sorted(crowd.events[10:]) == [("resumed", n) for n in (0, 1, 2, 3, 9)]
+    assert crowd.events[:5] == [("write", n) for n in (0, 1, 2, 3, 9)]
+    assert sorted(crowd.events[5:]) == [("resumed", n) for n in (0, 1, 2, 3, 9)]
     assert results == [(2, [b"cdef"])] * 5
-    await tasks.close()
-
-
-async def test_a_prepare_that_waits_is_finished_by_its_readers_task() -> None:
-    tasks = BackgroundTasks()
-    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
-    source = FakeSource([])
-    gate = asyncio.Event()
-    crowd = Crowd(bodies.start("k", lambda: head_later(source, gate)))
-
-    async def waiting(head: BodyHead) -> None:
-        await asyncio.sleep(0)  # waits in the pump's turn
-        crowd.events.append(("prepare", 1))
-
-    viewers = [
-        asyncio.ensure_future(crowd.viewer(0, prepare=crowd.prepare_noting(0))),
-        asyncio.ensure_future(crowd.viewer(1, prepare=waiting)),
-    ]
-    await asyncio.sleep(0.01)
-    gate.set()
-    await asyncio.sleep(0.01)
-    assert sorted(crowd.events) == [("prepare", 0), ("prepare", 1), ("resumed", 1)]
-    for chunk in (b"abcdef", None):
-        source.queue.put_nowait(chunk)
-    results = await asyncio.gather(*viewers)
-    # The one whose prepare waited writes its first bytes itself: all of the body, no skip.
-    assert results == [(2, [b"cdef"]), (0, [b"abcdef"])]
-    assert ("write", 1) not in crowd.events
     await tasks.close()
 
 
@@ -625,13 +587,13 @@ async def test_an_empty_body_lets_the_readers_waiting_for_its_first_chunk_go() -
     crowd = Crowd(bodies.start("k", lambda: opened(source)))
     viewers = [
         asyncio.ensure_future(crowd.viewer(0)),
-        asyncio.ensure_future(crowd.viewer(1, prepare=crowd.prepare_noting(1))),
+        asyncio.ensure_future(crowd.viewer(1, at_once=True)),
     ]
     await asyncio.sleep(0.01)
     source.queue.put_nowait(None)
     results = await asyncio.wait_for(asyncio.gather(*viewers), 5)
     assert results == [(0, []), (0, [])]
-    assert ("prepare", 1) in crowd.events and not any(e[0] == "write" for e in crowd.events)
+    assert not any(e[0] == "write" for e in crowd.events)
     await tasks.close()
 
 
@@ -656,9 +618,8 @@ async def test_a_lone_reader_reads_the_upstream_itself_and_the_body_is_stored() 
     stored: list[bytes] = []
     reader = await bodies.open("k", lambda: _opened(source), _stored_into(stored))
     assert len(tasks) == 0  # no pump: the reader's own task reads the upstream
-    heads: list[BodyHead] = []
-    assert await reader.first_bytes(_never_written, prepare=_prepared_into(heads)) == 0
-    assert heads == [source.head]  # prepared in its own task, the head being in already
+    assert reader.known_head == source.head  # the head is in when open() returns
+    assert await reader.first_bytes(_never_written) == 0  # it writes its first bytes itself
     got = [bytes(chunk) async for chunk in reader]
     reader.close()
     assert got == [b"one", b"two", b"three"] and len(tasks) == 0
@@ -803,13 +764,6 @@ async def test_a_lone_reader_of_a_spilled_body_holds_one_chunk_and_drops_the_ups
     assert source.aborted and not source.finished and stored == []
     assert bodies.held == 0
     await tasks.close()
-
-
-def _prepared_into(heads: list[BodyHead]) -> Prepare:
-    async def prepare(head: BodyHead) -> None:
-        heads.append(head)
-
-    return prepare
 
 
 async def _never_written(view: memoryview) -> int:
