@@ -287,6 +287,10 @@ class CacheSettings(_Section):
     loop, all together; past it the rest wait for the next turn, so hundreds of bodies relayed
     at once never hold up other requests. A chunk counts once per 128 KiB it holds (started);
     a viewer of a crowd let go after its first bytes counts one. 0 = no limit."""
+    inflight_turn_ms: float = Field(8.0, ge=0)
+    """Milliseconds of CPU time a turn of the event loop may have used since the first of those
+    chunks before the rest wait for the next turn, however few were taken (a turn's chunks cost
+    what the sockets and the garbage collector make them cost). 0 = counted in chunks only."""
     media_ttl: float = Field(300.0, ge=0)
     """Seconds a segment, part or init section stays in the store; 0 = media is not stored."""
     key_ttl: float = Field(30.0, ge=0)

@@ -24,8 +24,9 @@ it opens (then a pump reads it).
 
 The pump never waits for readers before spilling: a slow viewer slows only itself.
 
-All pumps together take at most ``turn_chunks`` chunks per turn of the event loop
-(:class:`~proxy.turns.TurnBudget`); past it they wait for the next turn, so hundreds of bodies
+All pumps together take at most ``turn_chunks`` chunks per turn of the event loop, and no more
+once the turn has used ``turn_cpu_s`` of CPU time since the first
+(:class:`~proxy.turns.TurnBudget`); past either they wait for the next turn, so hundreds of bodies
 relayed at once never hold up every other request for the length of one chunk each: with
 viewers whose socket buffers take all they are given, one turn relayed a chunk for each of 500
 bodies (16 KiB each, 60-85 ms of one core in bench_peers' memory case). A chunk counts once per
@@ -503,6 +504,7 @@ class SharedBodies:
         held_bytes: int | None = None,
         pressure_window_bytes: int | None = None,
         turn_chunks: int = 0,
+        turn_cpu_s: float = 0.0,
     ) -> None:
         self._tasks = tasks
         self._limit = max_object_bytes
@@ -511,7 +513,7 @@ class SharedBodies:
         self._pressure_window = max(1, min(pressure_window_bytes or window_bytes, window_bytes))
         self._meter = _Meter()
         self._bodies: dict[str, SharedBody] = {}
-        self._turn = TurnBudget(turn_chunks)
+        self._turn = TurnBudget(turn_chunks, turn_cpu_s)
 
     @property
     def held(self) -> int:

@@ -48,6 +48,7 @@ class CacheLayer:
                 held_bytes=settings.inflight_bytes,
                 pressure_window_bytes=PRESSURE_WINDOW_BYTES,
                 turn_chunks=settings.inflight_turn_chunks,
+                turn_cpu_s=settings.inflight_turn_ms / 1000,
             ),
             metrics=metrics,
         )

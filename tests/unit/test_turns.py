@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections import Counter
 
 import pytest
@@ -99,6 +100,42 @@ async def test_items_taken_together_count_as_many() -> None:
     await budget.next()  # the next turn starts from zero
     assert not budget.exhausted()
     assert budget.take(40)  # one big taker may go past the budget: it goes on, the rest wait
+
+
+def _spend_cpu(seconds: float) -> None:
+    """Use this thread's CPU for ``seconds`` (of CPU time, however long the clock says)."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+async def test_a_turn_that_used_its_cpu_time_takes_no_more_however_few_were_taken() -> None:
+    budget = TurnBudget(100, cpu_s=0.002)
+    assert not budget.take()  # the turn's first item: its CPU time counts from here
+    _spend_cpu(0.001)
+    assert not budget.take()  # 1 ms of 2
+    _spend_cpu(0.002)
+    assert budget.take()  # past 2 ms: this item is the turn's last, 3 of 100 taken
+    assert budget.exhausted()
+    await budget.next()
+    assert not budget.take() and not budget.exhausted()  # a new turn, its time from zero
+
+
+async def test_time_the_thread_did_not_run_is_not_counted() -> None:
+    # A machine busy with other work (the process waiting for its core) looks like this:
+    # the clock moves, the thread's CPU time does not.
+    budget = TurnBudget(100, cpu_s=0.002)
+    assert not budget.take()
+    time.sleep(0.01)  # noqa: ASYNC251 (on purpose: the turn goes on, the thread does not run)
+    assert not budget.take() and not budget.exhausted()
+
+
+async def test_without_cpu_time_only_the_count_limits_a_turn() -> None:
+    budget = TurnBudget(3)
+    assert not budget.take()
+    _spend_cpu(0.005)
+    assert not budget.take()
+    assert budget.take()  # 3 of 3
 
 
 def test_a_chunk_counts_once_per_128_kib_it_holds() -> None:
