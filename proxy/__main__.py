@@ -47,14 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The collector's thresholds while serving: young collections after 3,000 container objects
-# (net) and a middle one every 3 of them, so neither ever walks more than ~12,000 young objects;
+# The collector's thresholds while serving: young collections after 1,500 container objects
+# (net) and a middle one every 2 of them, so neither ever walks more than ~4,500 young objects;
 # a full collection at most every 100 middle ones (and, as always, only once the survivors have
 # grown by a quarter). Measured with 500 viewers arriving at once (bench_peers case 7): Python's
 # (700, 10, 10) or (7,000, 10, 10) let the middle generation fill with a crowd's live requests,
 # ~70,000 objects, and each collection of it took 20-37 ms, landing on turns already ~25 ms long
-# (lag samples of 43-78 ms); with these, middle collections take 5-9 ms.
-GC_THRESHOLDS = (3_000, 3, 100)
+# (lag samples of 43-78 ms). (3,000, 3, 100) made them 6-17 ms (a young object costs ~1 us to
+# walk there: the crowd's objects are spread over a heap of ~170 MB); these, 10 interleaved runs
+# each: lag samples over 50 ms 24 -> 5, over 40 ms 53 -> 31, runs with any 7 -> 3; playlist
+# rewrites and 2 MiB relays no slower.
+GC_THRESHOLDS = (1_500, 2, 100)
 
 
 # glibc's allocator while serving: blocks up to this size come from the heap, and up to the trim
