@@ -290,7 +290,8 @@ class CacheSettings(_Section):
     inflight_turn_ms: float = Field(8.0, ge=0)
     """Milliseconds of CPU time a turn of the event loop may have used since the first of those
     chunks before the rest wait for the next turn, however few were taken (a turn's chunks cost
-    what the sockets and the garbage collector make them cost). 0 = counted in chunks only."""
+    what the sockets and the garbage collector make them cost). 0 = counted in chunks only;
+    with ``inflight_turn_chunks`` 0 nothing limits a turn."""
     media_ttl: float = Field(300.0, ge=0)
     """Seconds a segment, part or init section stays in the store; 0 = media is not stored."""
     key_ttl: float = Field(30.0, ge=0)
