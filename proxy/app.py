@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -25,6 +26,7 @@ from proxy.live.session import remove_stale_dirs
 from proxy.metrics import Metrics, build_labels, sample_loop_lag
 from proxy.settings import Settings, token_secret
 from proxy.tokens import TokenCodec
+from proxy.turns import TurnBudget
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.guard import DestinationGuard, GuardedResolver
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
@@ -100,7 +102,15 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             else "; stream URLs stop working when the process restarts",
         )
     guard = DestinationGuard(settings.upstream.allow_networks)
+    # One budget for the body reads of every connection (direct and through proxies): a turn's
+    # reads are counted in CPU time only.
+    reads = (
+        TurnBudget(sys.maxsize, settings.upstream.receive_turn_ms / 1000)
+        if settings.upstream.receive_turn_ms
+        else None
+    )
     connector = UpstreamConnector(
+        reads=reads,
         resolver=GuardedResolver(guard),
         limit=settings.upstream.max_connections,
         limit_per_host=settings.upstream.max_connections_per_host,
@@ -119,6 +129,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                 TunnelConnector(
                     entry.name,
                     URL(entry.url.get_secret_value()),
+                    reads=reads,
                     resolver=GuardedResolver(guard),
                     limit=settings.upstream.max_connections,
                     limit_per_host=settings.upstream.max_connections_per_host,

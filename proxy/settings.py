@@ -130,6 +130,10 @@ class UpstreamSettings(_Section):
     process's read buffers and the kernel's receive buffers): with N at once, each gets 1/N, at
     least 64 KiB; 512 KiB or more each changes nothing. 0 = no budget (the defaults always).
     See :mod:`proxy.upstream.receive`."""
+    receive_turn_ms: float = Field(8.0, ge=0)
+    """Milliseconds of CPU time the upstream body reads of one event-loop turn may use, all
+    connections together, before the turn's further reads take at most 64 KiB each (the next
+    turn reads in full again). 0 = no limit."""
 
     @field_validator("allow_networks", mode="before")
     @classmethod

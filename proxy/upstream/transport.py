@@ -34,6 +34,7 @@ from python_socks import ProxyType
 from python_socks.async_.asyncio.v2 import Proxy
 from yarl import URL
 
+from proxy.turns import TurnBudget
 from proxy.upstream import direct_body
 from proxy.upstream.direct_body import DirectBodyHandler
 
@@ -71,8 +72,13 @@ class TunnelRefused(aiohttp.ClientConnectorError):
 
 class _TunnelHandler(DirectBodyHandler):
     # Keeps the StreamWriter alive: since Python 3.11.5 its __del__ closes the transport.
-    def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter) -> None:
-        super().__init__(loop)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        writer: asyncio.StreamWriter,
+        reads: TurnBudget | None = None,
+    ) -> None:
+        super().__init__(loop, reads)
         self._writer = writer
 
 
@@ -89,15 +95,17 @@ def proxy_type_of(url: URL) -> tuple[ProxyType, bool]:
 
 
 class UpstreamConnector(aiohttp.TCPConnector):
-    """aiohttp's ``TCPConnector`` whose connections speak :class:`DirectBodyHandler`."""
+    """aiohttp's ``TCPConnector`` whose connections speak :class:`DirectBodyHandler`, their
+    body reads counted in ``reads`` (see :class:`DirectBodyHandler`; None: not limited)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, reads: TurnBudget | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._reads = reads
         if direct_body.DIRECT_BODIES:
             # The protocol factory aiohttp's connector dials with (its TLS connections too); a
             # private attribute, so only under the aiohttp the handler was written for.
             factory: Callable[..., ResponseHandler] = DirectBodyHandler
-            self._factory = functools.partial(factory, loop=self._loop)
+            self._factory = functools.partial(factory, loop=self._loop, reads=reads)
 
 
 class TunnelConnector(UpstreamConnector):
@@ -173,7 +181,7 @@ class TunnelConnector(UpstreamConnector):
                 raise
         writer = stream.writer
         transport = writer.transport
-        protocol = _TunnelHandler(self._loop, writer)
+        protocol = _TunnelHandler(self._loop, writer, self._reads)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         return transport, protocol  # type: ignore[return-value]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,9 +20,15 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from proxy.turns import TurnBudget
 from proxy.upstream import direct_body
 from proxy.upstream.client import UpstreamResponse
-from proxy.upstream.direct_body import DIRECT_BODIES, DirectBodyHandler, written_for
+from proxy.upstream.direct_body import (
+    DIRECT_BODIES,
+    SPENT_READ_BYTES,
+    DirectBodyHandler,
+    written_for,
+)
 from proxy.upstream.receive import set_read_size
 from proxy.upstream.transport import UpstreamConnector
 from tests.integration.test_tunnel_tls import https_origin, make_cert
@@ -358,3 +365,64 @@ async def test_under_another_aiohttp_the_connector_dials_with_aiohttps_own_proto
         assert response.connection is not None
         assert not isinstance(response.connection.protocol, DirectBodyHandler)
         assert await response.read() == BODY
+
+
+async def spent_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of one read a turn (counted, so the test does not depend on the machine's speed;
+    the proxy's counts CPU time): in any turn, one body read may be big, the others take at most
+    SPENT_READ_BYTES. Four bodies of 4 MiB arrive at once on four connections."""
+    turn = 0
+    reads: list[tuple[int, int]] = []  # (turn, bytes) of every body read
+    loop = asyncio.get_running_loop()
+    ticking = True
+
+    def tick() -> None:
+        nonlocal turn
+        turn += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    original = DirectBodyHandler.buffer_updated
+
+    def buffer_updated(self: DirectBodyHandler, nbytes: int) -> None:
+        if self._into_body:
+            reads.append((turn, nbytes))
+        original(self, nbytes)
+
+    monkeypatch.setattr(DirectBodyHandler, "buffer_updated", buffer_updated)
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(len(BODY)), BODY)
+
+    async def fetch(session: aiohttp.ClientSession, url: str) -> bytes:
+        async with session.get(url) as response:
+            set_read_size(response, MIB)
+            got = bytearray()
+            while chunk := (await response.content.readchunk())[0]:
+                got += chunk
+            return bytes(got)
+
+    loop.call_soon(tick)
+    connector = UpstreamConnector(limit=4, reads=TurnBudget(1))
+    async with RawOrigin(answer) as raw, aiohttp.ClientSession(connector=connector) as session:
+        bodies = await asyncio.gather(*(fetch(session, raw.url) for _ in range(4)))
+    ticking = False
+    assert bodies == [BODY] * 4
+    big_by_turn = Counter(t for t, size in reads if size > SPENT_READ_BYTES)
+    assert max(big_by_turn.values()) == 1  # one full read a turn, whatever else was readable
+    reads_by_turn = Counter(t for t, _ in reads)
+    assert max(reads_by_turn.values()) > 1  # and turns did read for more than one body
+
+
+@taken_over
+async def test_once_a_turns_reads_are_spent_each_read_takes_little_and_bodies_stay_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await spent_reads(monkeypatch)
+
+
+@taken_over
+def test_once_a_turns_reads_are_spent_each_read_takes_little_under_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uvloop.run(spent_reads(monkeypatch))
