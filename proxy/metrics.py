@@ -109,6 +109,50 @@ class RequestStats(Collector):
         return iter(())
 
 
+class CountOf:
+    """One labelled value of a :class:`LoopCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A counter with one label, kept in plain numbers like :class:`RequestStats`.
+
+    For the counters every request touches: a prometheus-client ``Counter`` child takes a lock
+    on each ``inc`` (~0.35 µs; a cached playlist hit made two of them, with ~10 µs of Python in
+    all). Only for values changed on the event loop's thread, as ``/metrics`` is collected there.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._children: dict[str, CountOf] = {}
+
+    def labels(self, value: str) -> CountOf:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = CountOf()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, child in sorted(self._children.items()):
+            family.add_metric([value], child.value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 async def sample_loop_lag(lag: Histogram, interval: float = LOOP_LAG_INTERVAL_S) -> None:
     """Sleep ``interval`` over and over and observe how late each wake-up comes, until cancelled.
 
@@ -152,10 +196,6 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
-        # Labelled children used on every request, made once per label value (labels() takes
-        # a lock and checks its values on each call); label values are a few fixed names.
-        self._relayed: dict[str, Counter] = {}
-        self._cache_results: dict[str, Counter] = {}
         # hlsrelay_http_requests_total, _request_duration_seconds, _requests_in_flight.
         self.http = RequestStats(LATENCY_BUCKETS)
         r.register(self.http)
@@ -189,12 +229,10 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.bytes_out = Counter(
-            "hlsrelay_relayed_bytes_total",
-            "Body bytes sent to viewers, by resource kind",
-            ["kind"],
-            registry=r,
+        self.bytes_out = LoopCounter(
+            "hlsrelay_relayed_bytes", "Body bytes sent to viewers, by resource kind", "kind"
         )
+        r.register(self.bytes_out)
         # Outbound proxies: labelled by the proxy's configured name (bounded, never its URL).
         self.proxy_requests = Counter(
             "hlsrelay_proxy_requests_total",
@@ -256,14 +294,14 @@ class Metrics:
         self.playlists_rewritten = Counter(
             "hlsrelay_playlists_rewritten_total", "Playlists rewritten", registry=r
         )
-        self.cache_requests = Counter(
-            "hlsrelay_cache_requests_total",
+        self.cache_requests = LoopCounter(
+            "hlsrelay_cache_requests",
             "Cacheable requests by outcome: hit (fresh entry), miss (fetched upstream), stale "
             "(last good playlist served while the upstream fails), coalesced (joined a fetch "
             "already in flight)",
-            ["result"],
-            registry=r,
+            "result",
         )
+        r.register(self.cache_requests)
         self.cache_bytes = Gauge(
             "hlsrelay_cache_bytes", "Bytes held by the in-memory cache store", registry=r
         )
@@ -341,16 +379,10 @@ class Metrics:
             registry=r,
         )
 
-    def relayed(self, kind: str) -> Counter:
+    def relayed(self, kind: str) -> CountOf:
         """``hlsrelay_relayed_bytes_total{kind}``: body bytes sent to viewers."""
-        child = self._relayed.get(kind)
-        if child is None:
-            child = self._relayed[kind] = self.bytes_out.labels(kind)
-        return child
+        return self.bytes_out.labels(kind)
 
-    def cache_result(self, result: str) -> Counter:
+    def cache_result(self, result: str) -> CountOf:
         """``hlsrelay_cache_requests_total{result}``."""
-        child = self._cache_results.get(result)
-        if child is None:
-            child = self._cache_results[result] = self.cache_requests.labels(result)
-        return child
+        return self.cache_requests.labels(result)

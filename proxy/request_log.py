@@ -32,11 +32,26 @@ class RequestFacts:
 _current: ContextVar[RequestFacts | None] = ContextVar("hlsrelay_request_facts", default=None)
 
 
+# New ids are cut from a batch of random bytes: one ``getrandom`` call per id (what
+# ``secrets.token_hex(8)`` makes) was ~1 µs of a cached playlist hit's ~10 µs of Python.
+_ID_HEX_CHARS = 16
+_IDS_PER_BATCH = 256
+_new_ids: list[str] = []
+
+
 def request_id_from(header: str | None) -> str:
-    """The viewer's (or edge's) ``X-Request-Id`` when it is a plain token, else a new one."""
+    """The viewer's (or edge's) ``X-Request-Id`` when it is a plain token, else a new one
+    (16 hex digits from the operating system's random source)."""
     if header is not None and _VALID_REQUEST_ID.fullmatch(header):
         return header
-    return secrets.token_hex(8)
+    try:
+        return _new_ids.pop()
+    except IndexError:
+        batch = secrets.token_hex(_ID_HEX_CHARS // 2 * _IDS_PER_BATCH)
+        ids = [batch[at : at + _ID_HEX_CHARS] for at in range(0, len(batch), _ID_HEX_CHARS)]
+        new = ids.pop()
+        _new_ids.extend(ids)
+        return new
 
 
 def begin(facts: RequestFacts) -> Token[RequestFacts | None]:

@@ -38,7 +38,7 @@ from proxy.cache.store import CachedObject
 from proxy.metrics import Metrics
 from proxy.request_log import request_id_from
 from proxy.turns import TurnBudget
-from proxy.web.access_log import ACCESS_LOGGER, log_access
+from proxy.web.access_log import ACCESS_LOGGER, line_templates, log_access, log_templated
 from proxy.web.cors import EXPOSE_HEADERS
 
 if TYPE_CHECKING:
@@ -81,13 +81,14 @@ _GET, _HEAD = b"GET", b"HEAD"
 log = logging.getLogger(ACCESS_LOGGER)
 
 
-# One memo entry: (until, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, size).
-# ``until``: wall-clock time it stops being fresh (store freshness or token expiry); ``head``:
-# status line and fixed headers (each ending in CRLF, Content-Length included). A plain tuple of
-# strings, bytes and numbers, so the garbage collector stops tracking it (it never untracks a
-# tuple subclass or a class instance): 20,000 tracked entries made every full collection walk
-# them, 20-180 ms of stall under a rewrite load.
-_Answer = tuple[float, float, bytes, bytes, bytes, bytes, str, str, int]
+# One memo entry: (until, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, size,
+# lines). ``until``: wall-clock time it stops being fresh (store freshness or
+# token expiry); ``head``: status line and fixed headers (each ending in CRLF, Content-Length
+# included); ``lines``: its GETs' access-line templates (access_log.line_templates). A plain
+# tuple of strings, bytes and numbers, so the garbage collector stops tracking it (it never
+# untracks a tuple subclass or a class instance): 20,000 tracked entries made every full
+# collection walk them, 20-180 ms of stall under a rewrite load.
+_Answer = tuple[float, float, bytes, bytes, bytes, bytes, str, str, int, tuple[str, str]]
 _UNTIL: Final = 0
 _SIZE: Final = 8
 
@@ -103,6 +104,21 @@ def _fixed_head(entry: CachedObject, body: bytes, gzipped: bool) -> bytes:
     lines.append(f"Content-Length: {len(body)}")
     lines.append(f"Server: {SERVER_SOFTWARE}")
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def _access_fields(method: bytes, name: str, upstream_host: str) -> dict[str, Any]:
+    """An answer's access-log fields (access_log.access_fields) but the open ones, in order."""
+    return {
+        "request_id": "",
+        "method": method.decode(),
+        "route": ROUTE,
+        "path": f"/s/…/{name}",
+        "status": 200,
+        "bytes": 0,
+        "duration_ms": 0.0,
+        "upstream_host": upstream_host,
+        "cache": "hit",
+    }
 
 
 def gzip_etag(etag: str) -> str:
@@ -192,6 +208,7 @@ class FastHits:
             name,
             upstream_host,
             size,
+            line_templates(_access_fields(_GET, name, upstream_host)),
         )
         old = self._answers.pop(target, None)
         if old is not None:
@@ -222,7 +239,7 @@ class FastHits:
         answer = self._fresh(target.decode("latin-1"), now)
         if answer is None:
             return None
-        _, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, _ = answer
+        _, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, _, lines = answer
         extra = []
         origin = headers.get(b"origin")
         if self._any_origin:
@@ -253,7 +270,7 @@ class FastHits:
             body = b""
         self.answered += 1
         sent = len(out) + len(body)
-        self._count(method, name, upstream_host, request_id, sent, len(body), started)
+        self._count(method, name, upstream_host, request_id, sent, len(body), started, lines)
         return out, body
 
     def _count(
@@ -265,6 +282,7 @@ class FastHits:
         sent: int,
         body_bytes: int,
         started: float,
+        lines: tuple[str, str],
     ) -> None:
         metrics = self._metrics
         metrics.cache_result("hit").inc()
@@ -272,18 +290,14 @@ class FastHits:
             metrics.relayed("playlist").inc(body_bytes)
         seconds = time.perf_counter() - started
         metrics.http.done(ROUTE, 200, seconds)
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "method": method.decode(),
-            "route": ROUTE,
-            "path": f"/s/…/{name}",
-            "status": 200,
-            "bytes": sent,
-            "duration_ms": round(seconds * 1000, 2),
-            "upstream_host": upstream_host,
-            "cache": "hit",
-        }
-        log_access(log, fields)  # the line web/access_log.py's AccessLogger writes for it
+        duration_ms = round(seconds * 1000, 2)
+        # The line web/access_log.py's AccessLogger writes for it: from the entry's templates
+        # (its GETs') when serve's writer takes them, else from the fields.
+        if method == _GET and log_templated(log, lines, request_id, sent, duration_ms):
+            return
+        fields = _access_fields(method, name, upstream_host)
+        fields.update(request_id=request_id, bytes=sent, duration_ms=duration_ms)
+        log_access(log, fields)
 
     # -- wiring ---------------------------------------------------------------------------------
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
+import logging
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.web import fast_hits, server
+from proxy.web import access_log, fast_hits, server
 from proxy.web.keys import FAST_HITS, METRICS, RELAY
 from tests.conftest import make_settings
 from tests.origin import Origin
@@ -54,6 +58,7 @@ class Answer:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    raw_head: bytes = b""
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name.lower()), None)
@@ -84,7 +89,7 @@ async def read_answer(reader: asyncio.StreamReader, head_only: bool = False) -> 
             headers.append((name.strip().lower(), value.strip()))
     length = int(next((v for k, v in headers if k == "content-length"), "0"))
     body = b"" if head_only else await asyncio.wait_for(reader.readexactly(length), 5)
-    return Answer(status, headers, body)
+    return Answer(status, headers, body, head)
 
 
 def request(path: str, method: str = "GET", **headers: str) -> bytes:
@@ -193,6 +198,65 @@ async def test_fast_hits_are_counted_and_logged_like_the_handlers(
     assert line.startswith("GET /s/…/index.m3u8 stream 200 ")
     assert line.endswith(" up=127.0.0.1 cache=hit id=trace-7")
     assert path.split("/")[2] not in line  # never a token
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_fast_hits_write_the_handlers_line_through_serves_writer(
+    playlist_origin: Origin, log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``serve`` the fast path writes its lines from templates made when it remembered
+    the answer: the handler's line, with request id, bytes and duration filled in."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writer = access_log.configure_logging(log_format)
+    try:
+        async with serving() as fast:
+            path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
+            await ask(fast, request(path, X_Request_Id="miss-1"))
+            handled = await ask(fast, request(path, X_Request_Id="hand-2"))
+            assert fast.hits.answered == 0
+            get = await ask(fast, request(path, X_Request_Id="fast-3"))
+            await ask(fast, request(path, "HEAD", X_Request_Id="head-4"), True)
+            assert fast.hits.answered == 2
+    finally:
+        writer.close()
+        root.handlers[:], root.level = saved
+    lines = {
+        rid: line
+        for line in out.getvalue().splitlines()
+        for rid in ("hand-2", "fast-3", "head-4")
+        if rid in line
+    }
+    # The same header lengths (ids of one length, one-digit Age), so the same bytes on the wire.
+    assert len(handled.raw_head) + len(handled.body) == len(get.raw_head) + len(get.body)
+    if log_format == "json":
+        docs = {rid: json.loads(line) for rid, line in lines.items()}
+        per_request = {"time": "", "request_id": "", "duration_ms": 0}
+        assert list(docs["fast-3"]) == list(docs["hand-2"])  # the same fields, in one order
+        assert docs["fast-3"] | per_request == docs["hand-2"] | per_request
+        assert docs["head-4"] | per_request | {"bytes": 0} == docs["hand-2"] | per_request | {
+            "method": "HEAD",
+            "bytes": 0,
+        }
+        assert docs["fast-3"]["request_id"] == "fast-3"
+        assert docs["fast-3"]["bytes"] == len(get.raw_head) + len(get.body)
+    else:
+
+        def message(rid: str) -> str:
+            text = lines[rid].partition(" INFO aiohttp.access: ")[2]
+            return text.replace(rid, "ID").split(" ", 6)[6]  # past the bytes and duration
+
+        assert message("fast-3") == message("hand-2") == "up=127.0.0.1 cache=hit id=ID"
+        sent = len(get.raw_head) + len(get.body)
+        assert (
+            lines["fast-3"]
+            .partition(": ")[2]
+            .startswith(f"GET /s/…/index.m3u8 stream 200 {sent}B ")
+        )
+        assert " HEAD /s/…/index.m3u8 stream 200 " in lines["head-4"]
+    assert path.split("/")[2] not in out.getvalue()  # never a token
 
 
 # -- what goes to the handler ---------------------------------------------------------------------

@@ -98,6 +98,16 @@ def test_request_id_is_kept_only_when_plain(header: str | None, kept: bool) -> N
     assert 1 <= len(got) <= 64
 
 
+def test_new_request_ids_are_random_hex_and_never_repeat() -> None:
+    # More than one batch of the random source's bytes (request_log cuts them 256 at a time).
+    ids = [request_id_from(None) for _ in range(2_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    # Random, not counted: the digits are spread evenly (each of 16 seen ~2,000 times).
+    digits = "".join(ids)
+    assert min(digits.count(d) for d in "0123456789abcdef") > 1_500
+
+
 def test_json_formatter_plain_messages_and_exceptions() -> None:
     try:
         raise ValueError("boom")
@@ -215,3 +225,61 @@ def test_direct_access_lines_are_what_logging_would_write(
             "cache=hit id=abc"
         )
     assert access_log._direct is None  # closed: ordinary logging again
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize(
+    ("path", "upstream_host", "cache"),
+    [
+        ("/s/…/index.m3u8", "cdn.example", "hit"),
+        ('/s/…/100%25 "odd" \\ name%s%d.m3u8', "h%st", ""),  # % and JSON's escapes in fixed fields
+        ("/s/…/плейлист.m3u8", "", "miss"),  # not ASCII; no upstream: "-" in text, "" in JSON
+    ],
+)
+@pytest.mark.parametrize("duration_ms", [0.0, 0.04, 1.5, 12345.67])
+def test_templated_lines_are_the_access_lines(
+    log_format: str,
+    path: str,
+    upstream_host: str,
+    cache: str,
+    duration_ms: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fields = {
+        "request_id": request_id_from(None),
+        "method": "GET",
+        "route": "stream",
+        "path": path,
+        "status": 200,
+        "bytes": 913,
+        "duration_ms": duration_ms,
+        "upstream_host": upstream_host,
+        "cache": cache,
+    }
+    fixed = {k: v for k, v in fields.items() if k not in ("request_id", "bytes", "duration_ms")}
+    templates = access_log.line_templates(fixed)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writer = access_log.configure_logging(log_format)
+    try:
+        formatter = writer.formatter
+        assert isinstance(formatter, access_log.TextFormatter | access_log.JsonFormatter)
+        created = 1_790_000_000.987654
+        template = templates[1] if log_format == "json" else templates[0]
+        line = formatter.templated_line(created, template, fields["request_id"], 913, duration_ms)
+        assert line == formatter.access_line(created, fields)
+        # And log_templated writes it while serve's writer is configured.
+        logger = logging.getLogger("aiohttp.access")
+        assert access_log.log_templated(logger, templates, fields["request_id"], 913, duration_ms)
+    finally:
+        writer.close()
+    root.handlers[:], root.level = saved
+    (written,) = out.getvalue().splitlines()
+    if log_format == "json":
+        assert json.loads(written) | {"time": ""} == json.loads(line) | {"time": ""}
+    else:
+        assert written.partition(" INFO ")[2] == line.partition(" INFO ")[2]
+    # Without serve's writer the caller is told to log the fields itself.
+    assert not access_log.log_templated(logger, templates, "abc", 913, duration_ms)

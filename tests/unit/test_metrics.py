@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.metrics import (
     LATENCY_BUCKETS,
     LOOP_LAG_BUCKETS,
+    LoopCounter,
     Metrics,
     RequestStats,
     sample_loop_lag,
@@ -58,6 +59,33 @@ def test_request_stats_match_prometheus_client() -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert abs(got[key] - value) < 1e-6, key
+
+
+def test_loop_counters_match_prometheus_client() -> None:
+    rng = random.Random(11)
+    ours = CollectorRegistry()
+    counter = LoopCounter("hlsrelay_relayed_bytes", "Body bytes sent to viewers", "kind")
+    ours.register(counter)
+    reference = CollectorRegistry()
+    theirs = Counter(
+        "hlsrelay_relayed_bytes_total", "Body bytes sent to viewers", ["kind"], registry=reference
+    )
+    for _ in range(500):
+        kind = rng.choice(["playlist", "segment", "key", 'odd "kind"\\'])
+        amount = rng.choice([0, 1, rng.randrange(1 << 20), rng.random()])
+        counter.labels(kind).inc(amount)
+        theirs.labels(kind).inc(amount)
+    counter.labels("never").inc(0)
+    theirs.labels("never").inc(0)
+    got = _samples(generate_latest(ours))
+    want = {k: v for k, v in _samples(generate_latest(reference)).items() if "_created" not in k[0]}
+    assert got == want
+    text = generate_latest(ours).decode()
+    assert "# TYPE hlsrelay_relayed_bytes_total counter" in text
+    assert "# HELP hlsrelay_relayed_bytes_total Body bytes sent to viewers" in text
+    with contextlib.suppress(ValueError):
+        counter.labels("playlist").inc(-1)
+        raise AssertionError("a counter went down")
 
 
 def test_in_flight_and_families_in_the_app_registry() -> None:
