@@ -108,13 +108,14 @@ def line_templates(fixed: dict[str, Any]) -> tuple[str, str]:
     them is doubled, so a file name with one cannot upset the template.
     """
 
-    def escaped(key: str) -> str:
-        return str(fixed[key]).replace("%", "%%")
+    def escaped(value: Any) -> str:
+        return str(value).replace("%", "%%")
 
     # _ACCESS_MESSAGE with the fixed fields in: method, path, route, status; up=, cache=.
     text = (
-        f"{escaped('method')} {escaped('path')} {escaped('route')} {int(fixed['status'])} "
-        f"%dB %.1fms up={escaped('upstream_host') or '-'} cache={escaped('cache') or '-'} id=%s"
+        f"{escaped(fixed['method'])} {escaped(fixed['path'])} {escaped(fixed['route'])} "
+        f"{int(fixed['status'])} %dB %.1fms up={escaped(fixed['upstream_host'] or '-')} "
+        f"cache={escaped(fixed['cache'] or '-')} id=%s"
     )
 
     def members(*keys: str) -> str:
