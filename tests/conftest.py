@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import io
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,10 +14,30 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.settings import Settings
+from proxy.web import access_log
 from tests.origin import Origin
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 TEST_API_KEY = "test-api-key-123"
+
+
+@contextlib.contextmanager
+def serve_logging(
+    log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[access_log.BatchedLogWriter, io.StringIO]]:
+    """Logging as ``hlsrelay serve`` configures it (its batched writer, access lines going to it
+    directly), writing to a string instead of stderr; the writer is closed (what it holds
+    written) and the root logger's handlers put back on the way out."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writer = access_log.configure_logging(log_format)
+    try:
+        yield writer, out
+    finally:
+        writer.close()
+        root.handlers[:], root.level = saved
 
 
 def make_settings(**sections: Any) -> Settings:

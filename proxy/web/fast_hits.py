@@ -82,13 +82,14 @@ log = logging.getLogger(ACCESS_LOGGER)
 
 
 # One memo entry: (until, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, size,
-# lines). ``until``: wall-clock time it stops being fresh (store freshness or
+# text_line, json_line). ``until``: wall-clock time it stops being fresh (store freshness or
 # token expiry); ``head``: status line and fixed headers (each ending in CRLF, Content-Length
-# included); ``lines``: its GETs' access-line templates (access_log.line_templates). A plain
-# tuple of strings, bytes and numbers, so the garbage collector stops tracking it (it never
-# untracks a tuple subclass or a class instance): 20,000 tracked entries made every full
+# included); the lines: its GETs' access-line templates (access_log.line_templates). A flat
+# tuple of strings, bytes and numbers, so the garbage collector stops tracking it at its first
+# collection (not a tuple subclass or a class instance, which it never untracks, nor a tuple of
+# tuples, which takes one collection per level): 20,000 tracked entries made every full
 # collection walk them, 20-180 ms of stall under a rewrite load.
-_Answer = tuple[float, float, bytes, bytes, bytes, bytes, str, str, int, tuple[str, str]]
+_Answer = tuple[float, float, bytes, bytes, bytes, bytes, str, str, int, str, str]
 _UNTIL: Final = 0
 _SIZE: Final = 8
 
@@ -208,7 +209,7 @@ class FastHits:
             name,
             upstream_host,
             size,
-            line_templates(_access_fields(_GET, name, upstream_host)),
+            *line_templates(_access_fields(_GET, name, upstream_host)),
         )
         old = self._answers.pop(target, None)
         if old is not None:
@@ -239,7 +240,8 @@ class FastHits:
         answer = self._fresh(target.decode("latin-1"), now)
         if answer is None:
             return None
-        _, stored_at, head, gzip_head, body, gzip_body, name, upstream_host, _, lines = answer
+        stored_at, head, gzip_head, body, gzip_body, name, upstream_host = answer[1:8]
+        lines = answer[9:11]  # the access-line templates
         extra = []
         origin = headers.get(b"origin")
         if self._any_origin:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
-import logging
 import shutil
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +20,9 @@ import pytest
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.web import access_log, fast_hits, server
+from proxy.web import fast_hits, server
 from proxy.web.keys import FAST_HITS, METRICS, RELAY
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serve_logging
 from tests.origin import Origin
 
 REFERER = "https://site.example/watch/1"
@@ -206,12 +203,7 @@ async def test_fast_hits_write_the_handlers_line_through_serves_writer(
 ) -> None:
     """Under ``serve`` the fast path writes its lines from templates made when it remembered
     the answer: the handler's line, with request id, bytes and duration filled in."""
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    writer = access_log.configure_logging(log_format)
-    try:
+    with serve_logging(log_format, monkeypatch) as (_, out):
         async with serving() as fast:
             path = fast.mint(f"{playlist_origin.url}/live/index.m3u8")
             await ask(fast, request(path, X_Request_Id="miss-1"))
@@ -220,9 +212,6 @@ async def test_fast_hits_write_the_handlers_line_through_serves_writer(
             get = await ask(fast, request(path, X_Request_Id="fast-3"))
             await ask(fast, request(path, "HEAD", X_Request_Id="head-4"), True)
             assert fast.hits.answered == 2
-    finally:
-        writer.close()
-        root.handlers[:], root.level = saved
     lines = {
         rid: line
         for line in out.getvalue().splitlines()

@@ -17,6 +17,7 @@ from proxy.request_log import RequestFacts, request_id_from
 from proxy.web import access_log
 from proxy.web.access_log import AccessLogger, JsonAccessLogger, JsonFormatter
 from proxy.web.keys import REQUEST_FACTS
+from tests.conftest import serve_logging
 
 
 async def _request(path: str) -> web.Request:
@@ -194,12 +195,7 @@ def test_direct_access_lines_are_what_logging_would_write(
         "upstream_host": "cdn.example",
         "cache": "hit",
     }
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    writer = access_log.configure_logging(log_format)
-    try:
+    with serve_logging(log_format, monkeypatch) as (writer, out):
         formatter = writer.formatter
         assert isinstance(formatter, access_log.TextFormatter | access_log.JsonFormatter)
         created = 1_790_000_000.123456
@@ -211,9 +207,6 @@ def test_direct_access_lines_are_what_logging_would_write(
         assert formatter.access_line(created, fields) == formatter.format(record)
         # And log_access takes the direct way while serve's writer is configured.
         access_log.log_access(logging.getLogger("aiohttp.access"), fields)
-    finally:
-        writer.close()
-        root.handlers[:], root.level = saved
     (line,) = out.getvalue().splitlines()
     if log_format == "json":
         doc = json.loads(line)
@@ -258,12 +251,8 @@ def test_templated_lines_are_the_access_lines(
     }
     fixed = {k: v for k, v in fields.items() if k not in ("request_id", "bytes", "duration_ms")}
     templates = access_log.line_templates(fixed)
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    writer = access_log.configure_logging(log_format)
-    try:
+    logger = logging.getLogger("aiohttp.access")
+    with serve_logging(log_format, monkeypatch) as (writer, out):
         formatter = writer.formatter
         assert isinstance(formatter, access_log.TextFormatter | access_log.JsonFormatter)
         created = 1_790_000_000.987654
@@ -271,11 +260,7 @@ def test_templated_lines_are_the_access_lines(
         line = formatter.templated_line(created, template, fields["request_id"], 913, duration_ms)
         assert line == formatter.access_line(created, fields)
         # And log_templated writes it while serve's writer is configured.
-        logger = logging.getLogger("aiohttp.access")
         assert access_log.log_templated(logger, templates, fields["request_id"], 913, duration_ms)
-    finally:
-        writer.close()
-    root.handlers[:], root.level = saved
     (written,) = out.getvalue().splitlines()
     if log_format == "json":
         assert json.loads(written) | {"time": ""} == json.loads(line) | {"time": ""}
