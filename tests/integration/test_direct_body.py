@@ -25,6 +25,7 @@ from proxy.upstream import direct_body
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.direct_body import (
     DIRECT_BODIES,
+    FIRST_BLOCK_BYTES,
     SPENT_READ_BYTES,
     DirectBodyHandler,
     written_for,
@@ -163,6 +164,8 @@ async def read_in_blocks() -> None:
     sizes = sorted(len(block) for block in blocks.values())  # type: ignore[arg-type]
     assert sum(sizes) == protocol.direct_bytes  # the blocks tile the body: nothing past its end
     assert sizes[-1] == MIB  # as big as the read size allowed
+    if protocol.direct_bytes == len(BODY):  # the head came alone: the first block begins it
+        assert len(views[0].obj) == FIRST_BLOCK_BYTES  # type: ignore[arg-type]
 
 
 @taken_over
