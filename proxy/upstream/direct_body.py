@@ -77,10 +77,11 @@ FIRST_BLOCK_BYTES = 256 * 1024
 """The most a body's first block holds, whatever its read size: a burst's first bodies see few
 others yet and would each get a block of their whole length (2 MiB segments: zeroed, so resident
 at once) before the others arrive and their shares shrink; the block stays for the body's life.
-Making and zeroing those blocks was also much of the turns that admit a crowd: bench_peers'
-500 slow downloads alone, 7 interleaved runs each, loop-lag samples over 30 ms 45 -> 28 (runs
-with one over 50 ms 3 -> 2), peak RSS 159-177 -> 170-174 MB; its 2 MiB relay no slower (1,297
-against 1,256 MB/s, 5 interleaved rounds). Later blocks follow the read size."""
+The more so the slower a crowd is admitted: bench_peers' 500 slow downloads alone with
+``server.requests_per_turn`` 8, peak RSS 183-205 MB without the cap, 171-187 with it (5 and 7
+runs); at the default 16, 168-174 MB in 11 runs with it (159-177 in 7 without), and its 2 MiB
+relay no slower (1,297 against 1,256 MB/s, 5 interleaved rounds). Later blocks follow the read
+size."""
 
 _threads = threading.local()
 
