@@ -212,16 +212,14 @@ class BatchedLogWriter(logging.Handler):
         """A line from :func:`line_templates`; False if the formatter is not one of ours."""
         formatter = self.formatter
         if isinstance(formatter, JsonFormatter):
-            line = formatter.templated_line(
-                clock.time(), templates[1], request_id, sent, duration_ms
-            )
+            template = templates[1]
         elif isinstance(formatter, TextFormatter):
-            line = formatter.templated_line(
-                clock.time(), templates[0], request_id, sent, duration_ms
-            )
+            template = templates[0]
         else:
             return False
-        self._append(line)
+        self._append(
+            formatter.templated_line(clock.time(), template, request_id, sent, duration_ms)
+        )
         return True
 
     def _append(self, line: str) -> None:
