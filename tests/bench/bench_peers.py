@@ -173,6 +173,17 @@ class Process:
             found += [int(pid) for pid in children.split()]
         return found
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) used so far by this process and its children."""
+        ticks = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # Fields after the command's closing parenthesis: utime and stime are the 12th
+                # and 13th (clock ticks).
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def rss_bytes(self) -> int:
         total = 0
         for pid in self.pids():
@@ -866,6 +877,10 @@ class Case:
     def outcome(self, name: str) -> Outcome:
         return self.outcomes.setdefault(name, Outcome())
 
+    def has(self, key: str) -> bool:
+        """Whether any contestant's rounds have the figure ``key``."""
+        return any(key in r for o in self.outcomes.values() for r in o.rounds)
+
 
 class Urls:
     """Fresh upstream URLs: nothing asked for in one timed run was asked for before."""
@@ -1025,6 +1040,7 @@ class Bench:
                 probe = LagProbe(contestant.base, contestant.health)
                 lag = LoopLag(contestant)
                 with self.alone(contestant), probe, lag:
+                    cpu_before = contestant.process.cpu_seconds()
                     try:
                         run, args = wrk(
                             self.pins, self.work, contestant.base, paths, spec.connections, seconds
@@ -1032,6 +1048,7 @@ class Bench:
                     except Wrong as exc:
                         outcome.failure = str(exc)
                         continue
+                    cpu = contestant.process.cpu_seconds() - cpu_before
                 if run.errors:
                     outcome.failure = (
                         f"{run.errors} failed requests under load ({run.error_kinds})"
@@ -1048,9 +1065,16 @@ class Bench:
                     continue
                 outcome.rounds.append(
                     {"mb_s": run.mb_s, "rps": run.rps, "p50_ms": run.p50_ms,
-                     "p99_ms": run.p99_ms, **probe.figures(), **lag.figures()}
+                     "p99_ms": run.p99_ms, **cpu_figures(cpu, run.requests),
+                     **probe.figures(), **lag.figures()}
                 )  # fmt: skip
         return case
+
+
+def cpu_figures(cpu_s: float, requests: int) -> dict[str, float]:
+    """``cpu_us``: the contestant's CPU time (all its processes, user and system) per request
+    of a timed run, in microseconds; nothing when no request was answered."""
+    return {"cpu_us": cpu_s * 1e6 / requests} if requests else {}
 
 
 def _p99(values: Sequence[float]) -> float:
@@ -1272,9 +1296,13 @@ def run_memory(bench: Bench, rounds: int) -> Case:
                     lag = LoopLag(contestant)
                     # The long-running contestants rest while a fresh one is measured.
                     with bench.alone(), probe, lag:
+                        cpu_before = contestant.process.cpu_seconds()
+                        held_from = time.monotonic()
                         peak, idle, fed = asyncio.run(
                             _slow_streams(contestant, paths, STREAM_HOLD_S)
                         )
+                        cpu = contestant.process.cpu_seconds() - cpu_before
+                        held = time.monotonic() - held_from
             except (Wrong, Unavailable) as exc:
                 outcome.failure = str(exc)
                 continue
@@ -1283,6 +1311,7 @@ def run_memory(bench: Bench, rounds: int) -> Case:
                     "peak_mb": peak / 1e6,
                     "idle_mb": idle / 1e6,
                     "viewers": fed,
+                    "cpu_pct": 100 * cpu / held,
                     **probe.figures(),
                     **lag.figures(),
                 }
@@ -1453,6 +1482,7 @@ class Report:
             lines += [f"### {case.number}. {case.title}", ""]
             columns = [
                 *case.columns,
+                *[c for c in CPU_COLUMNS if case.has(c[0])],
                 ("lag_max_ms", "longest loop lag (≤, own histogram)", 0),
                 ("stalls", f"lag samples > {LAG_LIMIT_MS:g} ms", 0),
                 ("probe_ms", "longest health-probe answer (client side)", 0),
@@ -1482,8 +1512,16 @@ class Report:
         return "\n".join(lines).replace(str(b.work), "$WORK") + "\n"
 
 
+# CPU figures, shown in a case's table when its rounds have them: the process's own CPU time
+# (all its processes) over a timed run, read from /proc before and after it.
+CPU_COLUMNS = (
+    ("cpu_us", "CPU a request", 0),
+    ("cpu_pct", "CPU while held (% of a core)", 0),
+)
+
+
 def _unit(key: str) -> str:
-    units = {"mb_s": " MB/s", "peak_mb": " MB", "idle_mb": " MB"}
+    units = {"mb_s": " MB/s", "peak_mb": " MB", "idle_mb": " MB", "cpu_us": " µs", "cpu_pct": " %"}
     return units.get(key, " ms" if key.endswith("_ms") else "")
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.bench.__main__ import PEERS_END, PEERS_HEADING, PEERS_START, update_readme
 from tests.bench.bench_peers import (
     Case,
     Outcome,
+    Process,
+    cpu_figures,
     loop_lag_buckets,
     loop_lag_figures,
     playlist,
@@ -87,3 +91,40 @@ def test_round_ratios_pair_each_round_with_the_peers_same_round() -> None:
     case.outcomes["d"] = Outcome(rounds=[{"mb_s": 100.0}])
     assert round_ratios(case, "mb_s", "a", "d") is None  # rounds that do not pair up
     assert round_ratios(case, "rps", "a", "b") is None  # a figure the rounds lack
+
+
+def test_cpu_figures_per_request_and_nothing_without_requests() -> None:
+    assert cpu_figures(0.5, 1_000) == {"cpu_us": 500.0}
+    assert cpu_figures(1.0, 0) == {}
+    case = Case(1, "relay", "", [])
+    case.outcomes["a"] = Outcome(rounds=[{"mb_s": 1.0}, {"mb_s": 2.0, "cpu_us": 3.0}])
+    case.outcomes["b"] = Outcome(failure="wrong bytes")
+    assert case.has("cpu_us")
+    assert not case.has("cpu_pct")
+
+
+def test_cpu_seconds_counts_a_real_process_time_on_the_cpu(tmp_path: Path) -> None:
+    # Spins for 0.4 s of CPU, then sleeps until stopped: its count grows by the spin only.
+    spin = (
+        "import sys, time\n"
+        "end = time.process_time() + 0.4\n"
+        "while time.process_time() < end: pass\n"
+        "print('spun', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", spin], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        process = Process("spinner", proc, tmp_path / "spinner.log", [sys.executable])
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"spun\n"
+        used = process.cpu_seconds()
+        assert 0.35 <= used < 2.0
+        # Asleep now: no more CPU time.
+        assert process.cpu_seconds() - used < 0.05
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
