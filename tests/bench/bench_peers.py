@@ -1466,8 +1466,11 @@ class Report:
             "(min-max over rounds, n = rounds). Loop lag (hlsrelay only): from its "
             f"`{LOOP_LAG_METRIC}` histogram read before and after each timed run, the upper edge "
             "of the highest bucket reached and the samples (a timer due every 10 ms) that came "
-            f"more than {LAG_LIMIT_MS:g} ms late. The health probe runs on the load core: its "
-            "answers bound nothing of the proxy's (nginx shows them too).",
+            f"more than {LAG_LIMIT_MS:g} ms late. CPU: the contestant's own processes' CPU "
+            "time (user and system, from `/proc`) over each timed run, per request in the wrk "
+            "cases, as a share of one core while case 7's downloads are held. The health probe "
+            "runs on the load core: its answers bound nothing of the proxy's (nginx shows them "
+            "too).",
             "",
             "| contestant | version | command | notes |",
             "|---|---|---|---|",
