@@ -447,6 +447,13 @@ class StreamRelay:
                 filled = await self._filled_elsewhere(key, cached, lease_for)
                 if filled is not None:
                     return filled
+            elif cache.store.shared:
+                # Another instance may have stored a copy and let the lease go since this request
+                # looked at the store: then the lease was free, and the copy is there.
+                stored = await self._stored_since(key, cached)
+                if stored is not None:
+                    await cache.store.release(key)
+                    return stored
             try:
                 return await fetch_and_store()
             finally:
@@ -502,12 +509,19 @@ class StreamRelay:
         deadline = time.monotonic() + wait_for
         while time.monotonic() < deadline:
             await asyncio.sleep(LEASE_POLL_S)
-            store = self.cache.store
-            entry = await store.get(key)
-            if entry is not None and (cached is None or entry.stored_at > cached.stored_at):
+            if (entry := await self._stored_since(key, cached)) is not None:
                 return entry
-            if not await store.leased(key):
-                return None  # its fetch failed or was given up: try ourselves
+            if not await self.cache.store.leased(key):
+                # The holder stores its copy before it gives the lease up: one that stored and
+                # released between the two looks above is found now. Only then did it fail.
+                return await self._stored_since(key, cached)
+        return None
+
+    async def _stored_since(self, key: str, cached: CachedObject | None) -> CachedObject | None:
+        """The store's entry for ``key`` if it is newer than ``cached`` (any, without one)."""
+        entry = await self.cache.store.get(key)
+        if entry is not None and (cached is None or entry.stored_at > cached.stored_at):
+            return entry
         return None
 
     def _stale_allowed(self, cached: CachedObject, exc: UpstreamError) -> bool:

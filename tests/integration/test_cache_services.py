@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from proxy.web.keys import METRICS
+from proxy.web.keys import METRICS, RELAY
 from tests.conftest import ProxyFactory
 from tests.integration.test_cache import cache_count, child, live_playlist, mint, slow_media
 from tests.origin import Origin
@@ -217,6 +217,62 @@ async def test_instances_sharing_redis_fetch_a_playlist_once_even_at_the_same_mo
     )
     bodies = {await r.read() for r in responses}
     assert len(bodies) == 1 and all(r.status == 200 for r in responses)
+    assert len(origin.requests_to("/live/index.m3u8")) == 1
+
+
+@pytest.mark.parametrize(
+    ("look", "answer"),
+    [
+        # Waiting for the holder: it looked for the copy, then at the lease (now given up).
+        ("leased", False),
+        # About to fetch: it looked for the copy when its request came, then took the lease
+        # (free again by then).
+        ("lease", True),
+    ],
+)
+async def test_a_copy_stored_just_before_the_lease_is_released_is_taken_not_fetched_again(
+    proxy_factory: ProxyFactory, origin: Origin, redis_service: Redis, look: str, answer: bool
+) -> None:
+    """The holder of a lease stores its copy, then releases the lease. When both happen between
+    another instance's look for the copy and its look at the lease, that instance takes the
+    copy. This test holds the second look until the holder has answered (the one thing not real
+    here: which moment the waiter's look comes)."""
+    cache = {"backend": "redis", "redis_url": redis_service.url}
+    first, second = await proxy_factory(cache=cache), await proxy_factory(cache=cache)
+    text = live_playlist(target=10)
+    fetching = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        fetching.set()
+        await asyncio.sleep(0.3)
+        return web.Response(text=text, content_type="application/vnd.apple.mpegurl")
+
+    origin.routes["/live/index.m3u8"] = slow
+    path = mint(first, f"{origin.url}/live/index.m3u8")
+    first_answered = asyncio.Event()
+    store = second.app[RELAY].cache.store
+    real = getattr(store, look)
+    looks: list[bool] = []
+
+    async def after_the_holder_answered(*args: Any) -> bool:
+        await first_answered.wait()
+        looks.append(await real(*args))
+        return looks[-1]
+
+    setattr(store, look, after_the_holder_answered)
+
+    async def first_viewer() -> bytes:
+        response = await first.get(path)
+        body = await response.read()
+        first_answered.set()
+        return body
+
+    leader = asyncio.create_task(first_viewer())
+    await fetching.wait()  # the first instance holds the lease and is fetching
+    follower = await second.get(path)
+    assert follower.status == 200
+    assert await follower.read() == await leader
+    assert looks == [answer]
     assert len(origin.requests_to("/live/index.m3u8")) == 1
 
 
