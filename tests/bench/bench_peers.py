@@ -166,7 +166,7 @@ class Process:
             return []
 
     def pids(self) -> list[int]:
-        """This process and its children (nginx's worker), for RSS."""
+        """This process and its children (nginx's worker), for RSS and CPU time."""
         found = [self.proc.pid]
         with contextlib.suppress(OSError):
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
