@@ -93,8 +93,9 @@ class BodySource(Protocol):
         call."""
         ...
 
-    def ready(self) -> bool:
-        """Whether :meth:`read_chunk` would return without waiting (bytes, end or error in)."""
+    def bytes_ready(self) -> bool:
+        """Whether :meth:`read_chunk` would return bytes without waiting (not the end or an error:
+        those are in or not, reading them is no work worth a yield)."""
         ...
 
     def abort(self) -> None:
@@ -299,13 +300,11 @@ class SharedBody:
             more = self._more
             await more.wait()
 
-    def _ready(self, reader: BodyReader) -> bool:
+    def _bytes_ready(self, reader: BodyReader) -> bool:
         if self._readers[reader] - self._first < len(self._chunks):
             return True
-        if self.error is not None or self.done:
-            return True
         feed = self._feed
-        return feed is not None and not feed.lock.locked() and feed.source.ready()
+        return feed is not None and not feed.lock.locked() and feed.source.bytes_ready()
 
     def _leave(self, reader: BodyReader) -> None:
         self._first_writes.pop(reader, None)
@@ -469,10 +468,11 @@ class BodyReader:
         """How many readers follow the same body now, this one included."""
         return self._body.readers
 
-    def ready(self) -> bool:
-        """Whether the next chunk (or the end, or the failure) is here: taking it would not wait
-        (a reader that will wait anyway need not yield to be fair to others)."""
-        return self._body._ready(self)
+    def bytes_ready(self) -> bool:
+        """Whether the next chunk's bytes are here: taking them would not wait. A reader that
+        will wait anyway need not yield to be fair to others; nor one whose body is over (or
+        failed), with only the end left to take: a yield would cost a step for nothing."""
+        return self._body._bytes_ready(self)
 
     def __aiter__(self) -> BodyReader:
         return self

@@ -178,13 +178,10 @@ class UpstreamResponse:
                 self.received.inc(len(chunk))
             return chunk
 
-    def ready(self) -> bool:
-        """Whether :meth:`read_chunk` would return without waiting: bytes, the end or an error
-        are in already."""
-        content = self.raw.content
-        return (
-            content.total_bytes > self.taken or content.is_eof() or content.exception() is not None
-        )
+    def bytes_ready(self) -> bool:
+        """Whether :meth:`read_chunk` would return bytes without waiting: some are in already
+        (not only the end, or an error)."""
+        return self.raw.content.total_bytes > self.taken
 
     async def iter_chunks(self) -> AsyncIterator[bytes | memoryview]:
         """The body as it arrives, mapped errors included; ends at end of body."""

@@ -296,7 +296,7 @@ async def test_bytes_past_the_body_are_dropped_and_the_connection_closed(
         assert protocol.direct_bytes == len(BODY)  # the second connection's
 
 
-async def test_an_upstream_response_is_ready_when_a_read_would_not_wait(
+async def test_an_upstream_response_has_bytes_ready_when_a_read_would_give_them_at_once(
     session: aiohttp.ClientSession,
 ) -> None:
     async def answer(writer: asyncio.StreamWriter) -> None:
@@ -304,22 +304,23 @@ async def test_an_upstream_response_is_ready_when_a_read_would_not_wait(
 
     async with RawOrigin(answer) as raw, session.get(raw.url) as response:
         upstream = UpstreamResponse(raw=response, final_url=raw.url)
-        assert not upstream.ready()  # the head came alone
+        assert not upstream.bytes_ready()  # the head came alone
         got = b""
         while len(got) < 2 * MIB:
             for _ in range(5_000):  # bounded: a reader that never becomes ready fails, not hangs
-                if upstream.ready():
+                if upstream.bytes_ready():
                     break
                 await asyncio.sleep(0.001)
             else:
                 pytest.fail("the next part of the body never came in")
-            while upstream.ready() and len(got) < 2 * MIB:
+            while upstream.bytes_ready() and len(got) < 2 * MIB:
                 reading = asyncio.ensure_future(upstream.read_chunk())
                 await asyncio.sleep(0)
                 assert reading.done()  # ready: the read took one step, it did not wait
                 got += reading.result()
         assert got == BODY[: 2 * MIB] and upstream.taken == 2 * MIB
-        assert upstream.ready()  # the end is in
+        assert upstream.raw.content.is_eof()  # the end is in: no bytes, nothing to yield for
+        assert not upstream.bytes_ready()
         assert await upstream.read_chunk() == b""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -122,12 +122,23 @@ async def test_single_flight_hands_every_caller_the_error() -> None:
     await tasks.close()
 
 
+class _Chunks(asyncio.Queue[bytes | None]):
+    """A queue whose next item can be looked at (its storage set up as asyncio.Queue's own
+    ``_init`` does, so the type is known)."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: deque[bytes | None] = deque()
+
+    def next_is_bytes(self) -> bool:
+        return bool(self._queue) and self._queue[0] is not None
+
+
 class FakeSource:
     """A body source fed by the test (the real one is an upstream response: see integration)."""
 
     def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
         self.head = BodyHead(200, (), None)
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queue = _Chunks()
         for chunk in chunks:
             self.queue.put_nowait(chunk)
         self.fail_after = fail_after
@@ -144,8 +155,9 @@ class FakeSource:
         self.count += 1
         return chunk
 
-    def ready(self) -> bool:
-        return not self.queue.empty()
+    def bytes_ready(self) -> bool:
+        # Bytes, not the end (None) and not the failure the next read would raise.
+        return self.queue.next_is_bytes() and self.count != self.fail_after
 
     def abort(self) -> None:
         self.aborted = True
@@ -628,27 +640,42 @@ async def test_a_lone_reader_reads_the_upstream_itself_and_the_body_is_stored() 
     await tasks.close()
 
 
-async def test_a_reader_is_ready_only_when_its_next_read_would_not_wait() -> None:
+async def test_a_reader_has_bytes_ready_only_when_its_next_read_gives_bytes_at_once() -> None:
     tasks = BackgroundTasks()
     bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
     source = FakeSource([b"one"])
     lone = await bodies.open("k", lambda: _opened(source), None)
-    assert lone.ready()  # "one" is in the upstream's buffer
+    assert lone.bytes_ready()  # "one" is in the upstream's buffer
     assert bytes(await lone.__anext__()) == b"one"
-    assert not lone.ready()  # nothing more in: the relay need not yield, its read will wait
+    assert not lone.bytes_ready()  # nothing more in: the relay need not yield, its read waits
     pulling = asyncio.ensure_future(lone.__anext__())
     await asyncio.sleep(0)
     source.queue.put_nowait(b"two")
     late = bodies.join("k")  # a pump now, waiting for the lone read in flight
-    assert late is not None and late.ready()  # "one" is there for it
+    assert late is not None and late.bytes_ready()  # "one" is there for it
     assert bytes(await pulling) == b"two"
-    assert not lone.ready()
+    assert not lone.bytes_ready()
     source.queue.put_nowait(None)
     assert [bytes(chunk) async for chunk in late] == [b"one", b"two"]
-    assert lone.ready()  # the end is in: reading it does not wait
+    # The end is in: nothing more to write, so no yield before taking it.
+    assert not lone.bytes_ready() and not late.bytes_ready()
     assert [bytes(chunk) async for chunk in lone] == []
     lone.close()
     late.close()
+    await tasks.close()
+
+
+async def test_a_reader_whose_upstream_fails_next_has_no_bytes_ready() -> None:
+    tasks = BackgroundTasks()
+    bodies = SharedBodies(tasks, max_object_bytes=1000, window_bytes=100)
+    source = FakeSource([b"one", b"two"], fail_after=1)
+    lone = await bodies.open("k", lambda: _opened(source), None)
+    assert bytes(await lone.__anext__()) == b"one"
+    assert not lone.bytes_ready()  # the next read raises: no bytes to write, no yield for it
+    with pytest.raises(UpstreamUnreachable):
+        await lone.__anext__()
+    assert not lone.bytes_ready()
+    lone.close()
     await tasks.close()
 
 
