@@ -260,7 +260,7 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
                 # with this chunk whose next one is not in yet will wait for it anyway, and one
                 # with only the body's end left has nothing more to write: no yield for those (a
                 # step less per chunk of a body relayed as it arrives, and per body that came
-                # whole: one of ~5 steps of a 1 KiB relay).
+                # whole: one of the handler's three steps in a 1 KiB relay).
                 if not turn.passed() and (view or reader.bytes_ready()):
                     await asyncio.sleep(0)
     except UpstreamError as exc:
