@@ -228,6 +228,61 @@ async def test_over_the_inflight_budget_bodies_stream_through_whole_but_unstored
     assert proxy.app[RELAY].cache.bodies.held == 0
 
 
+async def test_over_the_inflight_budget_a_cut_upstream_cuts_its_viewer(
+    proxy_factory: ProxyFactory, origin: Origin
+) -> None:
+    # A body spilled from the start goes straight from the upstream to its one viewer: a short
+    # upstream body must still reach it as a cut connection, never as a whole-looking answer.
+    proxy = await proxy_factory(cache={"inflight_bytes": 0})
+    data = random.Random(12).randbytes(256 * 1024)
+    truncated_media(origin, "/vod/cut.ts", data, send=100 * 1024, chunked=False)
+    origin.playlist("/vod/index.m3u8", live_playlist(first=0, count=0) + "cut.ts\n")
+    path = mint(proxy, f"{origin.url}/vod/index.m3u8")
+    url = str(proxy.make_url(child(path, await (await proxy.get(path)).text(), "cut.ts")))
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    cache = proxy.app[RELAY].cache
+    assert cache.bodies.held == 0 and len(cache.bodies) == 0
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all_client(proxy, URL(url).path_qs)  # nothing was stored: it is cut again
+    assert len(origin.requests_to("/vod/cut.ts")) == 2
+
+
+async def test_over_the_inflight_budget_a_viewer_who_leaves_drops_its_upstream(
+    proxy_factory: ProxyFactory, origin: Origin
+) -> None:
+    proxy = await proxy_factory(cache={"inflight_bytes": 0})
+    sent: list[int] = []
+    gone = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
+        await response.prepare(request)
+        try:
+            for _ in range(2_000):  # bounded: 128 MiB at most, if the proxy never let go
+                await response.write(b"x" * 64 * 1024)
+                sent.append(64 * 1024)
+                await asyncio.sleep(0.005)
+        finally:
+            # Written to the end, or (what the test waits for) the proxy closed the connection:
+            # a write failed, or the server cancelled this handler when it saw it closed.
+            gone.set()
+        return response
+
+    origin.routes["/live/endless.ts"] = endless
+    origin.playlist("/live/index.m3u8", live_playlist(first=0, count=0) + "endless.ts\n")
+    path = mint(proxy, f"{origin.url}/live/index.m3u8")
+    url = str(proxy.make_url(child(path, await (await proxy.get(path)).text(), "endless.ts")))
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert len(await resp.content.readexactly(256 * 1024)) == 256 * 1024
+    # The viewer left: its upstream goes at once (no pump task keeps reading it).
+    await asyncio.wait_for(gone.wait(), timeout=5)
+    cache = proxy.app[RELAY].cache
+    assert sum(sent) < 64 * 1024 * 1024 and cache.bodies.held == 0 and len(cache.tasks) == 0
+
+
 async def test_chunked_upstream_body_is_relayed_whole(proxy: Client, origin: Origin) -> None:
     # No Content-Length: chunked transfer encoding, whose chunk ends the relay must not take
     # for the end of the body.
