@@ -635,22 +635,30 @@ class SharedBodies:
         async with feed.lock:
             if body._feed is not feed:
                 return  # a pump took over while this reader waited: it reads from now on
-            try:
-                chunk = await feed.source.read_chunk()
-            except HlsRelayError as exc:
-                body._feed = None
-                body._fail(exc)
-                await self._end(body, feed, complete=False)
-                return
-            if not chunk:
-                body._feed = None
-                await self._end(body, feed, complete=True)
+            chunk = await self._read(body, feed)
+            if chunk is None:
                 return
             self._took(body, feed, chunk)
         if body.spilled:
             body._drop_passed()  # its reader has passed all but this chunk: nothing to wait for
         if self._turn.take(turn_items(len(chunk))):
             await self._turn.next()
+
+    async def _read(self, body: SharedBody, feed: _Feed) -> bytes | memoryview | None:
+        """The next chunk from the upstream its one reader reads; None once the body is over
+        (its end, or its failure: then in ``body.error``)."""
+        try:
+            chunk = await feed.source.read_chunk()
+        except HlsRelayError as exc:
+            body._feed = None
+            body._fail(exc)
+            await self._end(body, feed, complete=False)
+            return None
+        if not chunk:
+            body._feed = None
+            await self._end(body, feed, complete=True)
+            return None
+        return chunk
 
     async def _solo(self, body: SharedBody, feed: _Feed) -> bytes | memoryview | None:
         """The one reader's next chunk of a spilled body, straight from the upstream: not kept,
@@ -667,16 +675,10 @@ class SharedBodies:
         """
         if body._chunks:
             body._drop_passed()  # its reader has passed them all: the body holds nothing now
-        try:
-            chunk = await feed.source.read_chunk()
-        except HlsRelayError as exc:
-            body._feed = None
-            body._fail(exc)
-            await self._end(body, feed, complete=False)
-            raise
-        if not chunk:
-            body._feed = None
-            await self._end(body, feed, complete=True)
+        chunk = await self._read(body, feed)
+        if chunk is None:
+            if body.error is not None:
+                raise body.error
             return None
         body.size += len(chunk)
         if self._turn.take(turn_items(len(chunk))):
