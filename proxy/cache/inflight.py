@@ -4,8 +4,8 @@ When N viewers ask for the same segment while it is still arriving, one upstream
 background task, the *pump*) feeds all of them. Each reader gets every chunk as soon as the pump
 has it, not after the whole body; a late joiner first gets what has arrived so far, then follows.
 A body with one viewer (most: a viewer per stream) is read by that viewer's own task instead,
-until a second viewer joins or it leaves (:class:`_Feed`); once it has spilled (below), no one
-can join it any more and its chunks go straight from the upstream to that viewer, not kept.
+until a second viewer joins or it leaves (:class:`_Feed`), unless memory is already short when
+it opens (then a pump reads it).
 
 * A body that completes within ``max_object_bytes`` is handed to ``on_complete`` (which stores
   it, as the chunks it came in: see :meth:`~proxy.cache.store.ObjectStore.set_parts`) before the
@@ -93,6 +93,11 @@ class BodySource(Protocol):
         call."""
         ...
 
+    def bytes_ready(self) -> bool:
+        """Whether :meth:`read_chunk` would return bytes without waiting (not the end or an error:
+        those are in or not, reading them is no work worth a yield)."""
+        ...
+
     def abort(self) -> None:
         """Drop the connection (the body was not read to the end)."""
 
@@ -175,8 +180,7 @@ class _Feed:
     chunk when it wants the next: no pump task, no hand-over between two tasks per chunk (in
     bench_peers' segment relay, ~4 % less CPU per 2 MiB than a pump and a reader, 8 interleaved
     rounds). Once a second reader joins, or the one reader leaves before the end, a pump takes
-    the feed over and reads at the upstream's pace, so a slow viewer again slows only itself
-    (a spilled body, which no one can join, is dropped instead when its reader leaves).
+    the feed over and reads at the upstream's pace, so a slow viewer again slows only itself.
     """
 
     key: str
@@ -291,18 +295,16 @@ class SharedBody:
                 return None
             feed = self._feed
             if feed is not None:
-                if self.spilled:
-                    # Spilled with one reader: no one can join it, nothing will be stored, so
-                    # its chunks go straight from the upstream to the reader (the rest of its
-                    # body, as a ranged request's would: _solo).
-                    return await feed.owner._solo(self, feed)
                 await feed.owner._pull(self, feed)  # the one reader reads the upstream itself
                 continue
             more = self._more
             await more.wait()
 
     def _bytes_ready(self, reader: BodyReader) -> bool:
-        return self._readers[reader] - self._first < len(self._chunks)
+        if self._readers[reader] - self._first < len(self._chunks):
+            return True
+        feed = self._feed
+        return feed is not None and not feed.lock.locked() and feed.source.bytes_ready()
 
     def _leave(self, reader: BodyReader) -> None:
         self._first_writes.pop(reader, None)
@@ -310,12 +312,9 @@ class SharedBody:
             self._room.set()
             feed = self._feed
             if feed is not None:
-                if self.spilled:
-                    # Its one reader left a body nobody else can join: the upstream goes now.
-                    feed.owner._drop(self, feed)
-                else:
-                    # Its one reader left before the end: a pump finishes the body, to store it.
-                    feed.owner._pump_from_now(self, feed)
+                # Its one reader left before the end: a pump finishes the body (to store it) or
+                # drops the upstream (a spilled one), as it would have had it read it all along.
+                feed.owner._pump_from_now(self, feed)
             self._release_if_unused()
 
     def _uncount(self, size: int) -> None:
@@ -470,13 +469,9 @@ class BodyReader:
         return self._body.readers
 
     def bytes_ready(self) -> bool:
-        """Whether the next chunk is in the body already, read by someone else (a pump, or
-        this reader before a crowd joined): taking it would not wait, and nothing counted it
-        against the turn budget for this reader. A relay yields for those, to be fair to other
-        readers. Not for the rest: a reader that will wait anyway; one whose body is over (or
-        failed), with only the end left to take; one that reads the upstream itself (the
-        body's one reader), whose every read takes from the turn budget and waits for the next
-        turn when this one has had its share."""
+        """Whether the next chunk's bytes are here: taking them would not wait. A reader that
+        will wait anyway need not yield to be fair to others; nor one whose body is over (or
+        failed), with only the end left to take: a yield would cost a step for nothing."""
         return self._body._bytes_ready(self)
 
     def __aiter__(self) -> BodyReader:
@@ -587,9 +582,15 @@ class SharedBodies:
             self._tasks.spawn(self._pump(body, feed, begin=True), name="shared-body")
             return reader
         self._begin(body, feed)
-        # Its reader reads it from here (spilled already, when memory is short: straight
-        # through, as ranged requests are relayed).
-        body._feed = feed
+        if body.spilled:
+            # Memory was short from the start (many bodies at once, most with slow viewers): a
+            # pump, which keeps the upstream's buffers drained into the body's small window.
+            # Read by their viewers' tasks, 500 such bodies peaked 10-20 MB higher (bench_peers
+            # case 7: 190-202 MB against 168-179 MB, interleaved runs), most likely the read
+            # buffers of upstreams read only when their slow viewer wants more.
+            self._pump_from_now(body, feed)
+        else:
+            body._feed = feed
         return reader
 
     def _forget(self, key: str, body: SharedBody) -> None:
@@ -635,64 +636,22 @@ class SharedBodies:
         async with feed.lock:
             if body._feed is not feed:
                 return  # a pump took over while this reader waited: it reads from now on
-            chunk = await self._read(body, feed)
-            if chunk is None:
+            try:
+                chunk = await feed.source.read_chunk()
+            except HlsRelayError as exc:
+                body._feed = None
+                body._fail(exc)
+                await self._end(body, feed, complete=False)
+                return
+            if not chunk:
+                body._feed = None
+                await self._end(body, feed, complete=True)
                 return
             self._took(body, feed, chunk)
         if body.spilled:
             body._drop_passed()  # its reader has passed all but this chunk: nothing to wait for
         if self._turn.take(turn_items(len(chunk))):
             await self._turn.next()
-
-    async def _read(self, body: SharedBody, feed: _Feed) -> bytes | memoryview | None:
-        """The next chunk from the upstream its one reader reads; None once the body is over
-        (its end, or its failure: then in ``body.error``)."""
-        try:
-            chunk = await feed.source.read_chunk()
-        except HlsRelayError as exc:
-            body._feed = None
-            body._fail(exc)
-            await self._end(body, feed, complete=False)
-            return None
-        if not chunk:
-            body._feed = None
-            await self._end(body, feed, complete=True)
-            return None
-        return chunk
-
-    async def _solo(self, body: SharedBody, feed: _Feed) -> bytes | memoryview | None:
-        """The one reader's next chunk of a spilled body, straight from the upstream: not kept,
-        not counted (it is only the reader's, as a ranged request's body is); None at the end.
-
-        No lock: a spilled body takes no new readers, so no pump takes the upstream over while
-        its reader reads it (one that leaves drops it: :meth:`_drop`). In bench_peers' segment
-        relay (64 viewers, memory short, nearly every body spilled, most at open), this instead
-        of a pump per body, with the relay's yield left to the turn budget for such readers
-        (:meth:`BodyReader.bytes_ready`), relayed 1.10-1.18x as much (interleaved rounds). With
-        500 slow viewers (case 7) the peak RSS is ~8 MB higher (180 against 173 MB, median of
-        8 runs each), most likely upstream read buffers kept full while their viewers' tasks
-        are busy with others.
-        """
-        if body._chunks:
-            body._drop_passed()  # its reader has passed them all: the body holds nothing now
-        chunk = await self._read(body, feed)
-        if chunk is None:
-            if body.error is not None:
-                raise body.error
-            return None
-        body.size += len(chunk)
-        if self._turn.take(turn_items(len(chunk))):
-            await self._turn.next()
-        return chunk
-
-    def _drop(self, body: SharedBody, feed: _Feed) -> None:
-        """Its one reader left a spilled body before the end: the upstream is dropped."""
-        body._feed = None
-        feed.source.abort()
-        if body.error is None:
-            body._fail(UpstreamUnreachable("upstream fetch was abandoned"))
-        self._forget(feed.key, body)
-        body._pumped = True
 
     async def _pump(self, body: SharedBody, feed: _Feed, *, begin: bool = False) -> None:
         complete = False

@@ -178,6 +178,11 @@ class UpstreamResponse:
                 self.received.inc(len(chunk))
             return chunk
 
+    def bytes_ready(self) -> bool:
+        """Whether :meth:`read_chunk` would return bytes without waiting: some are in already
+        (not only the end, or an error)."""
+        return self.raw.content.total_bytes > self.taken
+
     async def iter_chunks(self) -> AsyncIterator[bytes | memoryview]:
         """The body as it arrives, mapped errors included; ends at end of body."""
         while chunk := await self.read_chunk():

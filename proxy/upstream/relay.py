@@ -127,6 +127,9 @@ class _UpstreamBody:
     def read_chunk(self) -> Awaitable[bytes | memoryview]:
         return self._response.read_chunk()
 
+    def bytes_ready(self) -> bool:
+        return self._response.bytes_ready()
+
     def abort(self) -> None:
         self._response.close()
 

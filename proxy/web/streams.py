@@ -257,10 +257,10 @@ async def _relay_shared(request: web.Request, media: SharedMedia) -> web.StreamR
                 # 500 viewers of a body that arrived whole would each write 2 MiB in one step, a
                 # stall of seconds for everyone else on the loop (health checks, new requests).
                 # A write that waited for the socket has let the loop turn already, a reader done
-                # with this chunk whose next one is not in yet will wait for it anyway, one with
-                # only the body's end left has nothing more to write, and a body's one reader
-                # that reads the upstream itself waits its turn by the turn budget (its reads
-                # take from it): no yield for those (BodyReader.bytes_ready).
+                # with this chunk whose next one is not in yet will wait for it anyway, and one
+                # with only the body's end left has nothing more to write: no yield for those (a
+                # step less per chunk of a body relayed as it arrives, and per body that came
+                # whole: one of the handler's three steps in a 1 KiB relay).
                 if not turn.passed() and (view or reader.bytes_ready()):
                     await asyncio.sleep(0)
     except UpstreamError as exc:

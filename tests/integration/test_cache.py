@@ -231,8 +231,8 @@ async def test_over_the_inflight_budget_bodies_stream_through_whole_but_unstored
 async def test_over_the_inflight_budget_a_cut_upstream_cuts_its_viewer(
     proxy_factory: ProxyFactory, origin: Origin
 ) -> None:
-    # A body spilled from the start goes straight from the upstream to its one viewer: a short
-    # upstream body must still reach it as a cut connection, never as a whole-looking answer.
+    # A body spilled from the start (memory short) is streamed through, not kept: a short
+    # upstream body must still reach its viewer as a cut connection, never as a whole answer.
     proxy = await proxy_factory(cache={"inflight_bytes": 0})
     data = random.Random(12).randbytes(256 * 1024)
     truncated_media(origin, "/vod/cut.ts", data, send=100 * 1024, chunked=False)
@@ -277,7 +277,8 @@ async def test_over_the_inflight_budget_a_viewer_who_leaves_drops_its_upstream(
     url = str(proxy.make_url(child(path, await (await proxy.get(path)).text(), "endless.ts")))
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         assert len(await resp.content.readexactly(256 * 1024)) == 256 * 1024
-    # The viewer left: its upstream goes at once (no pump task keeps reading it).
+    # The viewer left: nobody else can join a spilled body, so its upstream is dropped, and
+    # nothing is left reading it.
     await asyncio.wait_for(gone.wait(), timeout=5)
     cache = proxy.app[RELAY].cache
     assert sum(sent) < 64 * 1024 * 1024 and cache.bodies.held == 0 and len(cache.tasks) == 0

@@ -296,6 +296,34 @@ async def test_bytes_past_the_body_are_dropped_and_the_connection_closed(
         assert protocol.direct_bytes == len(BODY)  # the second connection's
 
 
+async def test_an_upstream_response_has_bytes_ready_when_a_read_would_give_them_at_once(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await head_then(writer, plain_head(2 * MIB), BODY[:MIB], BODY[MIB : 2 * MIB])
+
+    async with RawOrigin(answer) as raw, session.get(raw.url) as response:
+        upstream = UpstreamResponse(raw=response, final_url=raw.url)
+        assert not upstream.bytes_ready()  # the head came alone
+        got = b""
+        while len(got) < 2 * MIB:
+            for _ in range(5_000):  # bounded: a reader that never becomes ready fails, not hangs
+                if upstream.bytes_ready():
+                    break
+                await asyncio.sleep(0.001)
+            else:
+                pytest.fail("the next part of the body never came in")
+            while upstream.bytes_ready() and len(got) < 2 * MIB:
+                reading = asyncio.ensure_future(upstream.read_chunk())
+                await asyncio.sleep(0)
+                assert reading.done()  # ready: the read took one step, it did not wait
+                got += reading.result()
+        assert got == BODY[: 2 * MIB] and upstream.taken == 2 * MIB
+        assert upstream.raw.content.is_eof()  # the end is in: no bytes, nothing to yield for
+        assert not upstream.bytes_ready()
+        assert await upstream.read_chunk() == b""
+
+
 @taken_over
 async def test_the_first_chunk_of_a_body_read_into_blocks_is_bytes(
     session: aiohttp.ClientSession,
