@@ -102,6 +102,53 @@ async def test_items_taken_together_count_as_many() -> None:
     assert budget.take(40)  # one big taker may go past the budget: it goes on, the rest wait
 
 
+async def test_waiters_go_on_in_the_order_they_began_to_wait_a_newcomer_behind_them() -> None:
+    budget = TurnBudget(2)
+    went: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await budget.next()
+        went.append(name)
+
+    first = [asyncio.ensure_future(waiter(name)) for name in ("a", "b", "c")]
+    budget.take(2)  # the turn's items are all taken before they ask
+    await asyncio.sleep(0)  # they wait; the turn's end has let the first go (not run yet)
+    assert went == [] and budget.waiting
+    # A newcomer while they wait: the new turn has items left, but it goes behind them.
+    assert not budget.take() and budget.waiting
+    await budget.next()
+    went.append("late")
+    await asyncio.gather(*first)
+    assert went == ["a", "b", "c", "late"]
+    assert not budget.waiting
+
+
+async def test_a_turn_lets_a_few_waiters_go_then_one_more_each_turn() -> None:
+    turn = 0
+    done = False
+
+    def tick() -> None:
+        nonlocal turn
+        turn += 1
+        if not done:
+            loop.call_soon(tick)
+
+    loop = asyncio.get_running_loop()
+    budget = TurnBudget(16)  # lets 16 // 8 = 2 go at first
+    went: Counter[int] = Counter()
+
+    async def waiter() -> None:
+        await budget.next()
+        went[turn] += 1
+
+    waiters = [asyncio.ensure_future(waiter()) for _ in range(20)]
+    budget.take(16)  # the turn's items are all taken before they ask
+    loop.call_soon(tick)
+    await asyncio.gather(*waiters)
+    done = True
+    assert list(went.values()) == [2, 3, 4, 5, 6]  # 20 in five turns, none in a crowd
+
+
 def _spend_cpu(seconds: float) -> None:
     """Use this thread's CPU for ``seconds`` (of CPU time, however long the clock says)."""
     until = time.thread_time() + seconds
