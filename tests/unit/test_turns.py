@@ -13,18 +13,25 @@ from proxy.cache.inflight import TURN_CHUNK_BYTES, turn_items
 from proxy.turns import TurnBudget, TurnMark
 
 
+class _Turns:
+    """Counts the event loop's turns (a callback that queues itself again) until stopped."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self._stopped = False
+        asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.now += 1
+        if not self._stopped:
+            asyncio.get_running_loop().call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._stopped = True
+
+
 async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
-    turn = 0
-    done = False
-
-    def tick() -> None:
-        nonlocal turn
-        turn += 1
-        if not done:
-            loop.call_soon(tick)
-
-    loop = asyncio.get_running_loop()
-    loop.call_soon(tick)
+    turns = _Turns()
     budget = TurnBudget(per_turn)
     started: Counter[int] = Counter()
 
@@ -32,10 +39,10 @@ async def _starts_by_turn(per_turn: int, takers: int) -> Counter[int]:
         if budget.exhausted():
             await budget.next()
         budget.take()
-        started[turn] += 1
+        started[turns.now] += 1
 
     await asyncio.gather(*(taker() for _ in range(takers)))
-    done = True  # the turn counter stops with the test
+    turns.stop()  # the turn counter stops with the test
     return started
 
 
@@ -124,28 +131,20 @@ async def test_waiters_go_on_in_the_order_they_began_to_wait_a_newcomer_behind_t
 
 
 async def test_a_turn_lets_a_few_waiters_go_then_one_more_each_turn() -> None:
-    turn = 0
-    done = False
-
-    def tick() -> None:
-        nonlocal turn
-        turn += 1
-        if not done:
-            loop.call_soon(tick)
-
-    loop = asyncio.get_running_loop()
     budget = TurnBudget(16)  # lets 16 // 8 = 2 go at first
     went: Counter[int] = Counter()
+    turns: _Turns | None = None
 
     async def waiter() -> None:
         await budget.next()
-        went[turn] += 1
+        assert turns is not None
+        went[turns.now] += 1
 
     waiters = [asyncio.ensure_future(waiter()) for _ in range(20)]
     budget.take(16)  # the turn's items are all taken before they ask
-    loop.call_soon(tick)
+    turns = _Turns()
     await asyncio.gather(*waiters)
-    done = True
+    turns.stop()
     assert list(went.values()) == [2, 3, 4, 5, 6]  # 20 in five turns, none in a crowd
 
 
