@@ -69,6 +69,7 @@ class TurnBudget:
         if not self._per_turn:
             return False
         if self._new_turn is None:
+            # Callbacks queued now run in the loop's next batch: that is where the turn ends.
             self._new_turn = asyncio.get_running_loop().call_soon(self._end)
         if self._cpu_s:
             if self._started is None:
