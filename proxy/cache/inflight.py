@@ -652,9 +652,9 @@ class SharedBodies:
             body._drop_passed()  # its reader has passed all but this chunk: nothing to wait for
         # Behind the readers already waiting for a turn, if any: a reader that reads its own
         # upstream would otherwise take every new turn from them, whenever its socket has
-        # bytes (bench_peers' segment relay, 8 interleaved rounds: p99 386 against 492 ms,
-        # 1.10x the throughput; pumps are not held so: with them too, case 7's 500 slow
-        # viewers peaked at 192 MB against 172).
+        # bytes (bench_peers' segment relay, two sets of 8 interleaved rounds: p99 386 and 340
+        # against 492 and 384 ms, throughput within the noise; pumps are not held so: with
+        # them too, case 7's 500 slow viewers peaked at 192 MB against 172).
         if self._turn.take(turn_items(len(chunk))) or self._turn.waiting:
             await self._turn.next()
 

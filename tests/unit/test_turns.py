@@ -148,6 +148,26 @@ async def test_a_turn_lets_a_few_waiters_go_then_one_more_each_turn() -> None:
     assert list(went.values()) == [2, 3, 4, 5, 6]  # 20 in five turns, none in a crowd
 
 
+async def test_after_a_turn_over_its_cpu_time_half_as_many_waiters_go() -> None:
+    budget = TurnBudget(64, cpu_s=0.001)  # lets 64 // 8 = 8 go at first
+    went: Counter[int] = Counter()
+    turns: _Turns | None = None
+
+    async def waiter() -> None:
+        await budget.next()
+        assert turns is not None
+        went[turns.now] += 1
+        _spend_cpu(0.0006)
+        budget.take()  # the third in a turn finds 1.2 ms of CPU used since the first: over
+
+    waiters = [asyncio.ensure_future(waiter()) for _ in range(20)]
+    budget.take(64)
+    turns = _Turns()
+    await asyncio.gather(*waiters)
+    turns.stop()
+    assert list(went.values())[:3] == [8, 4, 2]  # each turn went over: halved each time
+
+
 def _spend_cpu(seconds: float) -> None:
     """Use this thread's CPU for ``seconds`` (of CPU time, however long the clock says)."""
     until = time.thread_time() + seconds
