@@ -33,11 +33,11 @@ class TurnBudget:
     Takers that wait (:meth:`next`) go on in the order they began to wait, the first few at each
     turn's end: one more each turn while turns stay within their CPU time, half as many after
     one that did not (at least one). A taker may also join the line while others are in it
-    (:attr:`waiting`), though the turn has items left. Before, every waiter woke at each turn's
-    end and looked again, and the takers woken by their sockets meanwhile had taken the new
-    turn: in bench_peers' segment relay, a relay that had to wait woke 12.7 times on average
-    before it went on, and one whose turn kept being taken waited for seconds (p99 1.8 s where
-    the relays also read their own upstreams).
+    (:attr:`waiting`, :meth:`must_wait`), though the turn has items left. Before, every waiter
+    woke at each turn's end and looked again, and the takers woken by their sockets meanwhile
+    had taken the new turn: in bench_peers' segment relay, a relay that had to wait woke 12.7
+    times on average before it went on, and one whose turn kept being taken waited for seconds
+    (p99 1.8 s where the relays also read their own upstreams).
     """
 
     __slots__ = (
@@ -79,6 +79,12 @@ class TurnBudget:
                 self._over = True
         self._taken += items
         return self._taken >= self._per_turn
+
+    def must_wait(self, items: int = 1) -> bool:
+        """Count ``items`` taken now, as :meth:`take`; True when this taker should wait for
+        :meth:`next`: the turn's items are all taken, or others wait for a later turn already
+        (a taker that reads its own socket would otherwise take every new turn from them)."""
+        return self.take(items) or bool(self._waiters)
 
     @property
     def waiting(self) -> bool:

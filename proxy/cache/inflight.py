@@ -516,6 +516,12 @@ class SharedBodies:
         self._turn = TurnBudget(turn_chunks, turn_cpu_s)
 
     @property
+    def turn(self) -> TurnBudget:
+        """The turn budget of every media body relayed from an upstream: these, and the ones a
+        viewer reads alone (ranged requests, :func:`proxy.web.streams._relay_media`)."""
+        return self._turn
+
+    @property
     def held(self) -> int:
         """Bytes all shared bodies hold in memory now (in flight, or still being read)."""
         return self._meter.held
@@ -655,7 +661,7 @@ class SharedBodies:
         # bytes (bench_peers' segment relay, two sets of 8 interleaved rounds: p99 386 and 340
         # against 492 and 384 ms, throughput within the noise; pumps are not held so: with
         # them too, case 7's 500 slow viewers peaked at 192 MB against 172).
-        if self._turn.take(turn_items(len(chunk))) or self._turn.waiting:
+        if self._turn.must_wait(turn_items(len(chunk))):
             await self._turn.next()
 
     async def _pump(self, body: SharedBody, feed: _Feed, *, begin: bool = False) -> None:

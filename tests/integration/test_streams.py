@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import socket
 import time
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from proxy.turns import TurnBudget
 from proxy.web.keys import RELAY
 from tests.conftest import TEST_API_KEY, ProxyFactory
 from tests.origin import Origin
@@ -281,6 +283,39 @@ async def test_range_head_and_passthrough_headers(proxy: Client, origin: Origin)
     assert await head.read() == b""
     past = await proxy.get(path, headers={"Range": f"bytes={len(data) + 10}-"})
     assert past.status == 416
+
+
+async def test_ranged_relays_take_turns_with_the_shared_bodies(
+    proxy_factory: ProxyFactory, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer's own upstream body (a ranged request: neither shared nor stored) is paced by
+    the turn budget of the shared bodies: past a turn's chunks, it waits in their line."""
+    proxy = await proxy_factory(cache={"inflight_turn_chunks": 1})
+    turns = proxy.app[RELAY].cache.bodies.turn
+    waits = 0
+    original = TurnBudget.next
+
+    async def counted(self: TurnBudget) -> None:
+        nonlocal waits
+        if self is turns:
+            waits += 1
+        await original(self)
+
+    monkeypatch.setattr(TurnBudget, "next", counted)
+    data = random.Random(12).randbytes(4 * 1024 * 1024)
+    origin.media("/m/big.ts", data)
+    path = mint(proxy, f"{origin.url}/m/big.ts")
+
+    async def ranged(start: int) -> bytes:
+        answer = await proxy.get(path, headers={"Range": f"bytes={start}-"})
+        assert answer.status == 206
+        return await answer.read()
+
+    parts = await asyncio.gather(*(ranged(start) for start in (0, 1000, 2000, 3000)))
+    assert parts == [data[start:] for start in (0, 1000, 2000, 3000)]
+    assert len(origin.requests_to("/m/big.ts")) == 4  # each its own upstream request
+    # A turn budget of one chunk: each relay waits after each chunk (4 MiB is many chunks).
+    assert waits >= 8
 
 
 async def test_playlist_with_ambiguous_content_type_is_detected(

@@ -210,3 +210,16 @@ def test_a_chunk_counts_once_per_128_kib_it_holds() -> None:
     assert turn_items(128 * 1024) == 1
     assert turn_items(128 * 1024 + 1) == 2
     assert turn_items(1024 * 1024) == 8  # 16 of them make the default 128 a turn
+
+
+async def test_must_wait_when_the_turn_is_taken_or_others_wait() -> None:
+    budget = TurnBudget(3)  # lets 3 // 8 -> 1 waiter go a turn at first
+    waiters = [asyncio.ensure_future(budget.next()) for _ in range(2)]
+    assert not budget.must_wait(2)  # items left, nobody waits yet: on
+    assert budget.must_wait()  # the turn's last item: wait
+    await asyncio.sleep(0)  # both wait; the turn's end lets the first go, the second waits
+    assert budget.waiting
+    # A new turn with items left, but one waits in line: a newcomer must wait too.
+    assert budget.must_wait()
+    await asyncio.gather(*waiters)
+    assert not budget.waiting
