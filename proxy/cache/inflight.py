@@ -553,7 +553,23 @@ class SharedBodies:
     async def open(
         self, key: str, opener: Opener, on_complete: OnComplete | None = None
     ) -> BodyReader:
-        """Start fetching ``key`` for a viewer, and return that viewer's reader.
+        """Start fetching ``key`` for a viewer, and return that viewer's reader (see
+        :meth:`open_or_take`)."""
+        opened = await self.open_or_take(key, opener, on_complete)
+        assert isinstance(opened, BodyReader)
+        return opened
+
+    async def open_or_take(
+        self,
+        key: str,
+        opener: Opener,
+        on_complete: OnComplete | None = None,
+        take_alone: Callable[[BodySource], bool] | None = None,
+    ) -> BodyReader | BodySource:
+        """Start fetching ``key`` for a viewer, and return that viewer's reader; or the source
+        itself, for the viewer to relay alone, when ``take_alone`` says so of a body spilled as
+        it opened with this one viewer (memory short: nobody may join it, it is not stored), so
+        that no pump and no chunk of it is needed here at all.
 
         The upstream request is made in the caller's own task, up to the response headers. A
         task spawned here would run only after every request already queued in this loop turn
@@ -588,6 +604,12 @@ class SharedBodies:
             self._tasks.spawn(self._pump(body, feed, begin=True), name="shared-body")
             return reader
         self._begin(body, feed)
+        if body.spilled and take_alone is not None and body.readers == 1 and take_alone(source):
+            # The flight ends here (spilled, it was forgotten already): its one reader goes,
+            # and the source with it, to its viewer.
+            body._pumped = True
+            reader.close()
+            return source
         if body.spilled:
             # Memory was short from the start (many bodies at once, most with slow viewers): a
             # pump, which keeps the upstream's buffers drained into the body's small window.

@@ -55,6 +55,7 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.settings import ProxiesSettings, UpstreamSettings
 from proxy.upstream.breaker import CircuitBreakers
+from proxy.upstream.direct_body import DirectBodyHandler
 from proxy.upstream.guard import DestinationGuard
 from proxy.upstream.proxies import OutboundProxy, ProxyPool
 from proxy.upstream.receive import (
@@ -122,6 +123,8 @@ class UpstreamResponse:
     fit: BodyFit | None = None
     """Keeps the body's buffers and :attr:`chunk_limit` at its receive share as other bodies
     come and go (:mod:`proxy.upstream.receive`); None: no budget applies."""
+    _handler: DirectBodyHandler | None = None
+    """The protocol the rest of the body was taken from (:meth:`hand_over`), until it is back."""
 
     @property
     def status(self) -> int:
@@ -221,6 +224,52 @@ class UpstreamResponse:
                 )
             parts.append(chunk)
         return b"".join(parts)
+
+    def hand_over(self) -> tuple[int, int] | None:
+        """The upstream socket's descriptor and how many body bytes are still to come in, once
+        reading has stopped for them to be moved by the caller (:mod:`proxy.splice`): first the
+        chunks read already (:meth:`read_chunk` while :meth:`bytes_ready`), then those, then
+        :meth:`handed_back`. None: this body is read here (TLS, chunked, decompressed, through
+        aiohttp's own parser); nothing changed."""
+        protocol = self._protocol()
+        left = protocol.hand_over() if protocol is not None else 0
+        if not left:
+            return None
+        assert protocol is not None
+        assert protocol.transport is not None
+        self._handler = protocol
+        return protocol.transport.get_extra_info("socket").fileno(), left
+
+    def movable(self) -> bool:
+        """Whether :meth:`hand_over` would hand the rest of the body over (now)."""
+        protocol = self._protocol()
+        return protocol is not None and protocol.can_hand_over()
+
+    def _protocol(self) -> DirectBodyHandler | None:
+        connection = self.raw.connection
+        protocol = connection.protocol if connection is not None else None
+        if self.decoded or not isinstance(protocol, DirectBodyHandler):
+            return None
+        return protocol
+
+    def moved(self, size: int) -> None:
+        """``size`` more bytes of the body went from its socket to the viewer (counted as read)."""
+        self.taken += size
+        if self.received is not None:
+            self.received.inc(size)
+
+    def handed_back(self, moved: int) -> None:
+        """The rest of the body (``moved`` bytes) went from the socket to the viewer: the body
+        is whole, its connection may be reused."""
+        protocol = self._handler
+        assert protocol is not None
+        self._handler = None
+        protocol.handed_back(moved)
+
+    def moving_failed(self, *, stalled: bool) -> NoReturn:
+        """The rest of the body broke off while it was moved (cut, or ``stalled`` past the
+        read timeout): raised as a read would raise it, and reported as a read's failure."""
+        self._body_failed(TimeoutError() if stalled else aiohttp.ClientPayloadError("cut short"))
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end)."""

@@ -36,6 +36,11 @@ relay, 64 connections, 5 interleaved rounds: 1,233 -> 1,449 MB/s, CPU per reques
 into fresh ``bytes`` saved, reads as before) measured no faster. Heads and everything aiohttp
 parses are read into a buffer of the thread's and handed on as ``bytes``, as the loop would.
 
+The rest of a plain body may also be handed over (:meth:`DirectBodyHandler.hand_over`): the
+transport stops reading, the caller moves the bytes from the socket itself (``splice(2)``,
+:mod:`proxy.splice`) and hands the body back whole (:meth:`DirectBodyHandler.handed_back`),
+which ends it as the last fed byte would; the connection is then read again and may be reused.
+
 So a body's chunks (``StreamReader.readchunk()`` and ``readany()``, and ``read_chunk`` above
 them) may be memoryviews, though aiohttp annotates them ``bytes``: bytes-like, written, joined and
 sliced as bytes are, but without ``bytes``' methods (``decode``, ``startswith``). ``read()`` and
@@ -153,6 +158,9 @@ class DirectBodyHandler(ResponseHandler):
         self._decompress = True
         self.direct_bytes = 0
         """Body bytes this connection fed without the parser, all answers together (tests)."""
+        self._handed_over = False
+        """Whether the rest of the current body is being moved by someone else (:meth:`hand_over`):
+        the transport is not read meanwhile."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -228,6 +236,64 @@ class DirectBodyHandler(ResponseHandler):
         super().data_received(data)
         if self._payload is not payload:
             self._body_length = self._plain_length()
+
+    def hand_over(self) -> int:
+        """Stop reading the current plain body, to have its rest moved from the socket by the
+        caller (:mod:`proxy.splice`); return how many of its bytes are still to come in (0: none
+        can be handed over: not a plain body taken over, or all of it in already). What was
+        read already stays for the response's reader; :meth:`handed_back` ends the body."""
+        left = self._left_to_hand_over()
+        if left:
+            self._handed_over = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._drop_timeout()  # the mover bounds its own waits
+        return left
+
+    def can_hand_over(self) -> bool:
+        """Whether :meth:`hand_over` would hand the rest of the current body over (now)."""
+        return bool(self._left_to_hand_over())
+
+    def _left_to_hand_over(self) -> int:
+        payload = self._payload
+        transport = self.transport
+        if (
+            not DIRECT_BODIES
+            or not self._body_length
+            or self._handed_over
+            or payload is None
+            or transport is None
+            or transport.is_closing()
+            or transport.get_extra_info("sslcontext") is not None
+            or transport.get_extra_info("socket") is None
+            or (self._reading_paused and not self._direct)  # the parser may hold bytes back
+        ):
+            return 0
+        return max(0, self._body_length - payload.total_bytes)
+
+    def handed_back(self, moved: int) -> None:
+        """The rest of the body was moved (``moved`` bytes, all of it): it ends here, as fed,
+        and the connection reads again (for its next answer, or to see it close)."""
+        payload = self._payload
+        assert self._handed_over
+        assert payload is not None
+        self._handed_over = False
+        self.direct_bytes += moved
+        self._body_length = 0
+        self._direct = False
+        self._block = None
+        self._parser = None  # as _feed at a body's end: it never saw these bytes
+        payload.feed_eof()
+        # Read again, whether the reader's flow control had paused it or the hand-over did.
+        self._reading_paused = False
+        self._drop_timeout()  # idle until the next request asks: no read timeout
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._handed_over:
+            return  # the reader drained what was read: the rest is not for this protocol
+        super().resume_reading(resume_parser)
 
     def _feed(self, data: memoryview) -> None:
         self._direct = True

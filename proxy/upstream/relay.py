@@ -121,23 +121,35 @@ class _UpstreamBody:
     """An open upstream media response as a :class:`~proxy.cache.inflight.BodySource`."""
 
     def __init__(self, response: UpstreamResponse, head: BodyHead) -> None:
-        self._response = response
+        self.response = response
         self.head = head
 
     def read_chunk(self) -> Awaitable[bytes | memoryview]:
-        return self._response.read_chunk()
+        return self.response.read_chunk()
 
     def bytes_ready(self) -> bool:
-        return self._response.bytes_ready()
+        return self.response.bytes_ready()
 
     def abort(self) -> None:
-        self._response.close()
+        self.response.close()
 
     def finish(self) -> None:
-        self._response.release()
+        self.response.release()
 
     def limit_chunks(self, size: int) -> None:
-        self._response.limit_chunks(size)
+        self.response.limit_chunks(size)
+
+
+def _movable(source: BodySource) -> bool:
+    """Whether a lone viewer's body spilled as it opens is moved socket to socket rather than
+    pumped: when it can be, and while its receive share is unlimited (up to some hundred
+    bodies at once: proxy.upstream.receive). bench_peers' 500 slow downloads, whose shares are
+    limited, peaked at 202-221 MB in 3 of 9 runs moved (median 171) against at most 186 pumped
+    (median 180): left to the pump until that is understood."""
+    if not isinstance(source, _UpstreamBody):
+        return False
+    response = source.response
+    return response.chunk_limit is None and response.movable()
 
 
 def single_byte_range(header: str, size: int) -> tuple[int, int] | None:
@@ -242,6 +254,11 @@ class StreamRelay:
         # Redis store but write them differently must not share playlists.
         self._rewrite_variant = f"{settings.server.child_uris}|{self.prefix}"
 
+    @property
+    def read_timeout(self) -> float:
+        """Seconds an upstream body may send nothing before it counts as stalled."""
+        return self._settings.upstream.read_timeout
+
     def mint(self, url: str, headers: Mapping[str, str]) -> str:
         return self.minter.mint(url, headers)
 
@@ -272,7 +289,7 @@ class StreamRelay:
         request_log.note_upstream_host(urlsplit(ref.url).hostname)
         viewer_headers = viewer_headers or {}
         ranged = any(viewer_headers.get(name) is not None for name in MEDIA_REQUEST_HEADERS)
-        found: SharedMedia | CachedMedia | None = None
+        found: SharedMedia | CachedMedia | MediaStream | None = None
         if ranged:
             if ref.kind is not UriKind.PLAYLIST and method in ("GET", "HEAD"):
                 found = await self._stored_range(ctx_token, ref, viewer_headers)
@@ -546,8 +563,10 @@ class StreamRelay:
 
     async def _media(
         self, ctx_token: str, ctx: StreamContext, ref: StreamRef, method: str
-    ) -> SharedMedia | CachedMedia | None:
-        """The stored object, or a reader of the shared upstream body (None: go direct)."""
+    ) -> SharedMedia | CachedMedia | MediaStream | None:
+        """The stored object, or a reader of the shared upstream body, or the upstream response
+        itself when this viewer is its only one and it will be neither kept nor stored (memory
+        short: :func:`_movable`); None: go direct."""
         if ref.kind is UriKind.PLAYLIST:
             return None
         cache = self.cache
@@ -565,11 +584,18 @@ class StreamRelay:
             cache.count("coalesced")
         else:
             cache.count("miss")
-            reader = await cache.bodies.open(
+            opened = await cache.bodies.open_or_take(
                 key,
                 self._media_opener(ctx, ref.url, ref.kind, ctx_token),
                 self._media_storer(key, ttl) if ttl > 0 else None,
+                _movable,
             )
+            if not isinstance(opened, BodyReader):
+                # Memory short, and this viewer its only one: moved from socket to socket
+                # (proxy.splice), none of it kept or read here.
+                assert isinstance(opened, _UpstreamBody)
+                return MediaStream(opened.response, ref.kind)
+            reader = opened
         # Not waiting for the head here: a crowd's answers are prepared by the pump when it
         # comes, without waking each viewer's task (proxy.cache.inflight).
         return SharedMedia(reader, ref.kind)

@@ -1,7 +1,8 @@
 """``GET|HEAD /s/{ctx}/{ref}/{name}``: a proxied playlist, segment, key or init section.
 
 Response shaping only: the relay decides where the bytes come from (store, a shared upstream
-body, or an upstream response of this viewer's own). Here they get their headers: the cache
+body, or an upstream response of this viewer's own, moved socket to socket when it is plain:
+:mod:`proxy.splice`). Here they get their headers: the cache
 policy's ``Cache-Control``, ``Age`` when served from the store, ``ETag``/``Last-Modified`` with
 ``304`` on conditional requests, gzip for playlists when the viewer accepts it.
 """
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 
 from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
 from multidict import CIMultiDict
 
+from proxy import splice
 from proxy.cache.inflight import turn_items
 from proxy.cache.store import CachedObject
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.hls.cache_policy import PolicyLimits, media_freshness, not_found_freshness
 from proxy.turns import TurnBudget, TurnMark
+from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.relay import (
     MEDIA_RESPONSE_HEADERS,
     CachedMedia,
@@ -97,7 +101,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             return await _relay_shared(request, result)
         except UpstreamStatus as exc:  # the shared upstream answered so (nothing sent yet)
             return _status_error(exc)
-    return await _relay_media(request, result, relay.limits, relay.cache.bodies.turn)
+    return await _relay_media(
+        request, result, relay.limits, relay.cache.bodies.turn, relay.read_timeout
+    )
 
 
 def _status_error(exc: UpstreamStatus) -> web.Response:
@@ -285,7 +291,11 @@ def _cut(request: web.Request, sent: int, why: str) -> None:
 
 
 async def _relay_media(
-    request: web.Request, media: MediaStream, limits: PolicyLimits, turns: TurnBudget
+    request: web.Request,
+    media: MediaStream,
+    limits: PolicyLimits,
+    turns: TurnBudget,
+    read_timeout: float,
 ) -> web.StreamResponse:
     upstream = media.upstream
     response = web.StreamResponse(status=upstream.status)
@@ -304,6 +314,20 @@ async def _relay_media(
             if media.head:
                 await response.write(media.head)
                 sent += len(media.head)
+            sink = _plain_socket(request, response)
+            source = upstream.hand_over() if sink is not None else None
+            if source is not None:
+                assert sink is not None
+
+                def count(size: int) -> None:
+                    nonlocal sent
+                    sent += size
+
+                await _move_rest(
+                    request, response, upstream, source, sink, turns, read_timeout, count
+                )
+                await response.write_eof()
+                return response
             async for chunk in upstream.iter_chunks():
                 # write() waits for the socket to drain: a slow viewer slows its own upstream read.
                 turn = TurnMark()
@@ -324,3 +348,70 @@ async def _relay_media(
             request.app[METRICS].relayed(kind_label).inc(sent)
         await response.write_eof()
     return response
+
+
+def _plain_socket(request: web.Request, response: web.StreamResponse) -> int | None:
+    """The viewer's socket, if the rest of this answer can be moved into it as is (a plain
+    connection, a known length, nothing encoded on the way)."""
+    transport = request.transport
+    if (
+        transport is None
+        or transport.is_closing()
+        or response.chunked
+        or response.compression
+        or response.content_length is None
+        or transport.get_extra_info("sslcontext") is not None
+    ):
+        return None
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else None
+
+
+async def _move_rest(
+    request: web.Request,
+    response: web.StreamResponse,
+    upstream: UpstreamResponse,
+    source: tuple[int, int],
+    sink: int,
+    turns: TurnBudget,
+    read_timeout: float,
+    count: Callable[[int], None],
+) -> None:
+    """The rest of a plain body, moved from the upstream's socket to the viewer's in the kernel
+    (:mod:`proxy.splice`); the bytes read already go first, through the transport. ``count``
+    hears of every piece sent."""
+    source_fd, left = source
+    while upstream.bytes_ready():  # (nothing more comes in: the socket is not read meanwhile)
+        chunk = await upstream.read_chunk()
+        await response.write(chunk)
+        count(len(chunk))
+    writer = request.writer
+    writer.send_headers()  # (aiohttp may keep them for the first body bytes)
+    transport = request.transport
+    if transport is None:
+        raise ClientConnectionResetError("Cannot write to closing transport")
+
+    def moved(size: int) -> None:
+        writer.output_size += size  # the access log's bytes
+        upstream.moved(size)
+        count(size)
+
+    try:
+        await splice.drained(transport, sink)
+        moved_bytes = await splice.splice_body(
+            source_fd,
+            sink,
+            left,
+            turns=turns,
+            read_timeout=read_timeout,
+            big=upstream.chunk_limit is None,
+            moved=moved,
+        )
+    except splice.SourceEnded:
+        upstream.moving_failed(stalled=False)
+    except splice.SourceStalled:
+        upstream.moving_failed(stalled=True)
+    except splice.SinkGone as exc:
+        # As a write to a viewer who left: aiohttp lets the handler's end go unlogged.
+        raise ClientConnectionResetError(f"viewer connection lost ({exc})") from None
+    upstream.handed_back(moved_bytes)
